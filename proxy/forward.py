@@ -1,0 +1,287 @@
+"""The streaming forwarder: one request in, one request upstream with a bearer token, the answer streamed back.
+
+Bodies are never held whole, except a small request body (``limits.replay_buffer``, 1 MiB) kept so that the
+request can be replayed once after an upstream 401 with a fresh token. Hop-by-hop headers are dropped
+(RFC 9110 §7.6.1), the client's ``Authorization`` is replaced, redirects are passed to the client and
+never followed with the token, and ``Location`` headers pointing upstream are rewritten to the proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.config import Route
+from proxy.router import proxy_location
+from proxy.tokens import Token, TokenError, TokenManager
+
+log = logging.getLogger("odata_auth_proxy.forward")
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Never copied from the client to the upstream: we set them (Host, Authorization, Content-Length) or
+# they must not travel (Expect: the proxy already answered 100-continue itself).
+_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "content-length", "expect"}
+_RESPONSE_DROP = HOP_BY_HOP
+_SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+READ_CHUNK = 256 * 1024
+
+
+def json_error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _connection_listed(headers: CIMultiDictProxy[str]) -> set[str]:
+    listed: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        listed.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return listed
+
+
+def upstream_request_headers(headers: CIMultiDictProxy[str], drop: frozenset[str] = frozenset()) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop (and those named in ``Connection``), Host and Authorization."""
+    listed = _connection_listed(headers) if "Connection" in headers else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _REQUEST_DROP or lowered in listed or lowered in drop or lowered.startswith("proxy-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+def client_response_headers(headers: CIMultiDictProxy[str], route: Route, proxy_base: str) -> CIMultiDict[str]:
+    listed = _connection_listed(headers) if "Connection" in headers else set()
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _RESPONSE_DROP or lowered in listed:
+            continue
+        if lowered in ("location", "content-location"):
+            value = proxy_location(value, route, proxy_base)
+        out.add(name, value)
+    return out
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass
+class RequestBody:
+    """The client's body: buffered (and so replayable) when small, otherwise a one-shot stream."""
+
+    data: bytes | None = None
+    stream: AsyncIterator[bytes] | None = None
+    length: int | None = None  # Content-Length to send upstream when streaming a sized body
+    received: int = 0
+    too_large: bool = field(default=False)
+
+    @property
+    def replayable(self) -> bool:
+        return self.stream is None
+
+    def payload(self) -> bytes | AsyncIterator[bytes] | None:
+        if self.stream is not None:
+            stream, self.stream = self.stream, None
+            return stream
+        return self.data
+
+
+async def read_request_body(request: web.Request, replay_limit: int, max_body: int | None) -> RequestBody:
+    """Buffer up to ``replay_limit`` bytes; a longer or unknown-length body streams on (not replayable)."""
+    length = request.content_length
+    if max_body is not None and length is not None and length > max_body:
+        raise BodyTooLarge
+    if not request.body_exists:
+        return RequestBody(data=None)
+    content = request.content
+    body = RequestBody()
+    if length is not None and length <= replay_limit:
+        body.data = await content.readexactly(length) if length else b""
+        body.received = length
+        return body
+    buffered: list[bytes] = []
+    size = 0
+    if length is None:
+        while size <= replay_limit:
+            chunk = await content.readany()
+            if not chunk:
+                body.data = b"".join(buffered)
+                body.received = size
+                return body
+            buffered.append(chunk)
+            size += len(chunk)
+            if max_body is not None and size > max_body:
+                raise BodyTooLarge
+    body.length = length
+    body.received = size
+
+    async def stream() -> AsyncIterator[bytes]:
+        for chunk in buffered:
+            yield chunk
+        buffered.clear()
+        while True:
+            chunk = await content.readany()
+            if not chunk:
+                return
+            body.received += len(chunk)
+            if max_body is not None and body.received > max_body:
+                body.too_large = True
+                raise BodyTooLarge
+            yield chunk
+
+    body.stream = stream()
+    return body
+
+
+@dataclass(frozen=True)
+class ForwardSettings:
+    replay_limit: int
+    max_body: int | None
+    proxy: str | None  # explicit outbound proxy URL
+    drop_headers: frozenset[str] = frozenset()
+
+
+class Forwarder:
+    """Sends one client request upstream with a token, retrying once after a 401 when the body allows it."""
+
+    def __init__(self, session: aiohttp.ClientSession, settings: ForwardSettings) -> None:
+        self._session = session
+        self._settings = settings
+
+    async def forward(self, request: web.Request, route: Route, url: URL, manager: TokenManager) -> web.StreamResponse:
+        settings = self._settings
+        try:
+            body = await read_request_body(request, settings.replay_limit, settings.max_body)
+        except BodyTooLarge:
+            return self._too_large()
+        try:
+            token = await manager.get()
+        except TokenError as exc:
+            request["error"] = exc.error
+            return json_error(exc.status, exc.as_json())
+        headers = upstream_request_headers(request.headers, settings.drop_headers)
+        request_id = request.get("request_id")
+        if request_id:
+            headers["X-Request-Id"] = request_id
+        if body.length is not None and body.stream is not None:
+            headers["Content-Length"] = str(body.length)
+        try:
+            resp = await self._send(request.method, url, headers, token, body)
+            request["token_fp"] = token.fingerprint
+            if resp.status == 401 and body.replayable and manager.invalidate(token):
+                resp.release()
+                request["replayed"] = True
+                try:
+                    token = await manager.get_after_invalidation()
+                except TokenError as exc:
+                    request["error"] = exc.error
+                    return json_error(exc.status, exc.as_json())
+                request["token_fp"] = token.fingerprint
+                resp = await self._send(request.method, url, headers, token, body)
+        except BodyTooLarge:
+            return self._too_large()
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            if body.too_large:
+                return self._too_large()
+            return self._upstream_error(route, url, exc, request)
+        request["upstream_status"] = resp.status
+        request["bytes_in"] = body.received
+        async with resp:
+            return await self._stream_back(request, route, resp)
+
+    async def _send(
+        self, method: str, url: URL, headers: CIMultiDict[str], token: Token, body: RequestBody
+    ) -> aiohttp.ClientResponse:
+        headers["Authorization"] = "Bearer " + token.value.reveal()
+        return await self._session.request(
+            method,
+            url,
+            headers=headers,
+            data=body.payload(),
+            allow_redirects=False,
+            skip_auto_headers=_SKIP_AUTO,
+            proxy=self._settings.proxy,
+            compress=None,
+        )
+
+    async def _stream_back(
+        self, request: web.Request, route: Route, resp: aiohttp.ClientResponse
+    ) -> web.StreamResponse:
+        proxy_base = f"{request.scheme}://{request.host}"
+        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        out.headers.extend(client_response_headers(resp.headers, route, proxy_base))
+        await out.prepare(request)
+        sent = 0
+        if request.method != "HEAD" and resp.status not in (204, 304):
+            try:
+                async for chunk in resp.content.iter_chunked(READ_CHUNK):
+                    await out.write(chunk)
+                    sent += len(chunk)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                # headers are gone already: the only honest signal left is to cut the connection
+                log.warning(
+                    "route %s: upstream body broke off after %d bytes (%s); closing the client connection",
+                    route.name,
+                    sent,
+                    exc.__class__.__name__,
+                )
+                request["bytes_out"] = sent
+                if request.transport is not None:
+                    request.transport.close()
+                return out
+        request["bytes_out"] = sent
+        await out.write_eof()
+        return out
+
+    def _too_large(self) -> web.Response:
+        limit = self._settings.max_body
+        return json_error(
+            413,
+            {
+                "error": "request_body_too_large",
+                "detail": f"the request body exceeds limits.max_body_size ({limit} bytes)",
+            },
+            headers={"Connection": "close"},
+        )
+
+    def _upstream_error(self, route: Route, url: URL, exc: BaseException, request: web.Request) -> web.Response:
+        upstream = f"{url.scheme}://{url.raw_authority}"
+        if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError | asyncio.TimeoutError):
+            status, code, detail = 504, "upstream_timeout", "the upstream did not answer in time"
+        elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            status, code = 502, "upstream_tls_error"
+            detail = (
+                f"the upstream's TLS certificate is not trusted ({exc.certificate_error}); "
+                "add a private or corporate CA with --ca-bundle FILE"
+            )
+        elif isinstance(exc, aiohttp.ClientSSLError):
+            status, code, detail = 502, "upstream_tls_error", f"TLS with the upstream failed: {str(exc)[:300]}"
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            status, code, detail = 502, "upstream_unreachable", f"cannot connect to the upstream: {str(exc)[:300]}"
+        else:
+            status, code = 502, "upstream_error"
+            detail = f"the upstream connection failed: {exc.__class__.__name__}: {str(exc)[:200]}"
+        request["error"] = code
+        log.warning("route %s: %s (%s)", route.name, code, detail)
+        return json_error(status, {"error": code, "detail": detail, "upstream": upstream, "route": route.name})

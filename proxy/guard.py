@@ -1,0 +1,601 @@
+"""Inbound security guard: who may make this proxy act with the service key's rights.
+
+Why this module exists
+----------------------
+The proxy adds an OAuth bearer token to every request it forwards, so anyone who can get a request
+*into* it acts with the full rights of the service key. "It only listens on 127.0.0.1" is not enough
+protection on its own:
+
+* a web page in the user's browser can send requests to ``http://127.0.0.1:PORT`` (CSRF), or point a
+  DNS name it controls at 127.0.0.1 and read the answers as same-origin (DNS rebinding);
+* a client that mistakes the proxy for a forward proxy (``GET http://other-host/ HTTP/1.1``,
+  ``CONNECT host:443``) must not turn it into an open relay that carries the token elsewhere;
+* ``..`` segments, encoded slashes, backslashes and ``//host`` paths must not let a caller escape the
+  upstream path prefix a route was configured for, or change the upstream host when a URL is joined;
+* when the proxy is reachable from a network (sidecar, ``--allow-remote``), an inbound API key is
+  the only thing between the network and the service key.
+
+:func:`guard_middleware` therefore answers hostile or misdirected requests itself — the proxy
+handler is never called for them — with a JSON body ``{"error": code, "detail": how-to-fix}``, and
+logs each refusal at WARNING on the ``odata_auth_proxy.guard`` logger (code, method, client address,
+truncated path; never a header value and never the API key). The checks run in this order:
+
+1. request target: ``CONNECT`` -> 405 ``connect_refused``; ``TRACE``/``TRACK`` -> 405
+   ``trace_refused`` (the upstream would echo the injected ``Authorization`` header back);
+   absolute form -> 400 ``absolute_form_refused``; asterisk form (``OPTIONS *``) -> 400
+   ``invalid_request_target``; ``.``/``..`` segments (also percent-encoded, with encoded slashes,
+   double-encoded, or Tomcat-style ``..;x``), backslashes and a leading ``//`` -> 400
+   ``path_traversal_refused``.
+2. ``Host`` allow-list (DNS rebinding) -> 421 ``host_not_allowed``.
+3. cross-site requests: ``Sec-Fetch-Site: cross-site`` -> 403 ``cross_site_refused``; an ``Origin``
+   that is not allowed (``null`` included) -> 403 ``origin_not_allowed``; CORS for the configured
+   ``allowed_origins`` (preflight answered here with 204).
+4. inbound API key (when configured) -> 401 ``proxy_auth_required``; on success both credential
+   headers are removed from the request the handler sees.
+
+What aiohttp 3.14 does itself (measured with raw sockets, C and pure-Python parser alike)
+------------------------------------------------------------------------------------------
+* Absolute-form targets (``GET http://127.0.0.2:9/ HTTP/1.1``, also ``HTTPS://``, ``ftp://``) are
+  accepted and reach middleware and handler. ``request.raw_path`` is the whole URL, ``request.path``
+  and ``request.rel_url`` are just ``/``, and ``request.host``/``request.url`` come from the *target*
+  (127.0.0.2), not from the ``Host`` header. So the guard looks at ``raw_path`` and the ``Host``
+  header, never at ``request.host``.
+* ``CONNECT host:port`` is accepted (the C parser flags it as an upgrade); ``raw_path`` is
+  ``host:port``. ``CONNECT http://...`` and ``GET host:port`` are rejected by the parser (400).
+* ``GET *`` is rejected by the parser; ``OPTIONS *`` reaches the handler with ``raw_path == "*"``.
+* Paths are **not** normalised at all: ``/a/../b``, ``/a/./b``, ``/../x``, ``//host/x``, ``\\``
+  reach the handler verbatim in ``raw_path`` *and* ``path``. ``request.path`` percent-decodes once
+  (``%2e%2e`` -> ``..``, ``%2f`` -> ``/``, ``%5c`` -> ``\\``, ``%252e`` -> ``%2e``) while
+  ``raw_path`` keeps the encoding; a fragment (``/a#/../b``) stays in ``raw_path`` but is cut
+  from ``path``. The guard therefore checks ``raw_path`` and every decoding level of it.
+* HTTP/1.1 without ``Host`` and duplicate ``Host`` headers are rejected by the parser (400) before
+  any middleware runs; HTTP/1.0 without ``Host`` is accepted. An empty ``Host:`` is accepted.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import re
+import unicodedata
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import unquote
+
+from aiohttp import hdrs, typedefs, web
+from multidict import CIMultiDict
+
+from proxy.redact import Secret
+
+__all__ = [
+    "ADMIN_PREFIX",
+    "DEFAULT_API_KEY_HEADER",
+    "GuardSettings",
+    "guard_middleware",
+    "is_loopback",
+    "listen_address_problem",
+]
+
+DEFAULT_API_KEY_HEADER = "X-Proxy-Api-Key"
+ADMIN_PREFIX = "/-/"
+
+_LOG = logging.getLogger("odata_auth_proxy.guard")
+
+#: Admin endpoints polled by container health checks: no API key needed (all other checks apply).
+_KEYLESS_PATHS = frozenset({f"{ADMIN_PREFIX}healthz", f"{ADMIN_PREFIX}readyz"})
+_CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, MERGE, DELETE, OPTIONS"
+_CORS_MAX_AGE = "600"
+_REALM_CHALLENGE = 'Bearer realm="odata-auth-proxy"'
+_MAX_ECHO = 100
+_MAX_DECODE_ROUNDS = 4
+
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_ORIGIN_RE = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#@\s]+)")
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """What the guard lets in. Built once from the config; the middleware precomputes from it."""
+
+    listen_host: str
+    listen_port: int
+    #: extra Host names (e.g. sidecar service names), case-insensitive; ``name`` matches any port,
+    #: ``name:port`` only that port
+    allowed_hosts: tuple[str, ...] = ()
+    #: browser origins allowed to call the proxy cross-origin (CORS), exact ``scheme://host[:port]``
+    allowed_origins: tuple[str, ...] = ()
+    api_key: Secret | None = None
+    api_key_header: str = DEFAULT_API_KEY_HEADER
+
+
+# --------------------------------------------------------------------------------------------------
+# listen address
+
+
+def _strip_brackets(host: str) -> str:
+    if host.startswith("[") and host.endswith("]"):
+        return host[1:-1]
+    return host
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``127.0.0.0/8``, ``::1`` (bracketed or not) and ``localhost``; no DNS look-up.
+
+    False for the unspecified addresses (``0.0.0.0``, ``::``, ``""``), LAN addresses and other names.
+    """
+    value = _strip_brackets(host.strip())
+    if value.lower() == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped.is_loopback
+    return ip.is_loopback
+
+
+def _is_unspecified(host: str) -> bool:
+    value = _strip_brackets(host.strip())
+    if not value or value == "*":
+        return True
+    try:
+        return ipaddress.ip_address(value).is_unspecified
+    except ValueError:
+        return False
+
+
+def listen_address_problem(host: str, *, allow_remote: bool, has_api_key: bool) -> str | None:
+    """Why listening on ``host`` is dangerous, or None when it is fine (loopback, or explicitly allowed)."""
+    if is_loopback(host) or allow_remote or has_api_key:
+        return None
+    shown = _clip(host) if host.strip() else "''"
+    if _is_unspecified(host):
+        shown += " (all network interfaces)"
+    return (
+        f"Refusing to listen on {shown}: binding {shown} exposes the proxy to the network, and with it "
+        "the full rights of the service key, because every request the proxy forwards gets the "
+        "service key's OAuth token. Use 127.0.0.1 (or ::1 / localhost) to keep the proxy local to "
+        "this machine, or set an inbound API key (inbound_api_key in the config file or the "
+        "ODATA_AUTH_PROXY_INBOUND_API_KEY environment variable) so that every caller must present "
+        "it, or pass --allow-remote (allow_remote: true in the config file) if the proxy runs as a "
+        "sidecar in an isolated pod network."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _clip(value: str, limit: int = _MAX_ECHO) -> str:
+    """Escape control and non-ASCII characters, then cut to ``limit`` characters: safe to echo/log."""
+    escaped = value.encode("unicode_escape", errors="backslashreplace").decode("ascii")
+    if len(escaped) > limit:
+        return escaped[:limit] + "..."
+    return escaped
+
+
+def _split_host_port(value: str) -> tuple[str, str | None] | None:
+    """``Host``-style ``host[:port]`` -> (lower-case host, port or None); None when malformed."""
+    value = value.strip()
+    if not value:
+        return None
+    port: str | None = None
+    if value.startswith("["):
+        end = value.find("]")
+        if end == -1:
+            return None
+        host, rest = value[: end + 1], value[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                return None
+            port = rest[1:]
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+    else:  # a name, an IPv4 address, or an (invalid in Host, but harmless) bare IPv6 address
+        host = value
+    if port is not None and not _PORT_RE.fullmatch(port):
+        return None
+    if not host:
+        return None
+    return host.lower(), port
+
+
+def _canonical_host(host: str) -> str:
+    value = _strip_brackets(host.strip()).lower()
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        return value
+
+
+def _has_dot_segment(path: str) -> bool:
+    for segment in path.split("/"):
+        name = segment.split(";", 1)[0]  # Tomcat & co treat "..;x" as ".."
+        if name in (".", "..") or unicodedata.normalize("NFKC", name) in (".", ".."):
+            return True
+    return False
+
+
+def _path_problem(raw_path: str) -> str | None:
+    """What is wrong with an origin-form path (query excluded), or None."""
+    path = raw_path.split("?", 1)[0]
+    candidate = path
+    for _ in range(_MAX_DECODE_ROUNDS):
+        if "\\" in candidate:
+            return "a backslash (literal or percent-encoded) in the path"
+        if candidate.startswith("//"):
+            return "a path starting with '//' (a network-path reference that names another host)"
+        if _has_dot_segment(candidate):
+            return "a '.' or '..' path segment (literal, percent-encoded, or formed by encoded slashes)"
+        decoded = unquote(candidate)
+        if decoded == candidate:
+            return None
+        candidate = decoded
+    return "a path percent-encoded more than three times over"
+
+
+def _parse_origin(origin: str) -> tuple[str, str, str | None] | None:
+    match = _ORIGIN_RE.fullmatch(origin.strip().lower())
+    if match is None:
+        return None
+    hostport = _split_host_port(match.group(2))
+    if hostport is None:
+        return None
+    return match.group(1), hostport[0], hostport[1]
+
+
+def _normalise_origin(origin: str) -> str:
+    return origin.strip().rstrip("/").lower()
+
+
+def _merge_vary(response: web.StreamResponse, token: str) -> None:
+    current = response.headers.get(hdrs.VARY)
+    if not current:
+        response.headers[hdrs.VARY] = token
+        return
+    parts = [p.strip().lower() for p in current.split(",")]
+    if token.lower() not in parts and "*" not in parts:
+        response.headers[hdrs.VARY] = f"{current}, {token}"
+
+
+def _apply_cors(response: web.StreamResponse, origin: str) -> None:
+    response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
+    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "*"
+    _merge_vary(response, "Origin")
+
+
+def _attach_cors_hook(request: web.Request, origin: str) -> None:
+    """Make a response the *handler* prepares itself (streaming) carry the CORS headers too.
+
+    aiohttp calls ``request._prepare_hook(response)`` right before it writes the status line and
+    headers; a middleware cannot register ``on_response_prepare`` signals (they are frozen by
+    then), so the hook of this one request object is wrapped instead.
+    """
+    original = getattr(request, "_prepare_hook", None)
+    if original is None:  # pragma: no cover - aiohttp internals changed; unprepared responses still work
+        return
+
+    async def hook(response: web.StreamResponse) -> None:
+        _apply_cors(response, origin)
+        await original(response)
+
+    object.__setattr__(request, "_prepare_hook", hook)
+
+
+def _requested_headers(value: str) -> str:
+    tokens = [t.strip() for t in value.split(",")]
+    return ", ".join(t for t in tokens if _TOKEN_RE.fullmatch(t))[:1000]
+
+
+def _bearer_token(value: str) -> str | None:
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
+
+
+# --------------------------------------------------------------------------------------------------
+# middleware
+
+
+class _Guard:
+    """Precomputed settings plus the four checks; one instance per :func:`guard_middleware` call."""
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.settings = settings
+        hosts: set[tuple[str, str | None]] = set()
+        for entry in settings.allowed_hosts:
+            parsed = _split_host_port(entry)
+            if parsed is not None:
+                hosts.add((_canonical_host(parsed[0]), parsed[1]))
+        if settings.listen_host.strip() and not _is_unspecified(settings.listen_host):
+            hosts.add((_canonical_host(settings.listen_host), None))
+        self.allowed_hosts = frozenset(hosts)
+        self.cors_origins = frozenset(_normalise_origin(o) for o in settings.allowed_origins if o.strip())
+        key = settings.api_key.reveal() if settings.api_key is not None else None
+        self._key: bytes | None = key.encode("utf-8") if key is not None else None
+        self._key_text = key or ""
+        self.key_header = settings.api_key_header
+
+    # ---- output -------------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        if self._key_text and self._key_text in text:
+            text = text.replace(self._key_text, "[redacted]")
+        return text
+
+    def refuse(
+        self,
+        request: web.Request,
+        status: int,
+        code: str,
+        detail: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        close: bool = False,
+        note: str = "",
+    ) -> web.Response:
+        path = self._redact(_clip(request.raw_path))
+        _LOG.warning(
+            "refused %s (%d): %s %s from %s%s",
+            code,
+            status,
+            _clip(request.method, 20),
+            path,
+            request.remote or "unknown client",
+            note,
+        )
+        response = web.json_response({"error": code, "detail": self._redact(detail)}, status=status, headers=headers)
+        if close:
+            response.force_close()
+        return response
+
+    # ---- 1. request target --------------------------------------------------------------------
+
+    def check_target(self, request: web.Request) -> web.Response | None:
+        method = request.method.upper()
+        raw = request.raw_path
+        if method == hdrs.METH_CONNECT:
+            return self.refuse(
+                request,
+                405,
+                "connect_refused",
+                "This is a reverse proxy for configured upstream APIs, not a forward proxy: CONNECT "
+                "tunnels are not supported. Send requests to http://HOST:PORT/<route path> instead, "
+                "and do not configure this proxy as an HTTP(S) proxy in your client.",
+                headers={hdrs.ALLOW: _CORS_METHODS},
+                close=True,
+            )
+        if method in ("TRACE", "TRACK"):
+            return self.refuse(
+                request,
+                405,
+                "trace_refused",
+                f"{method} is not forwarded: the upstream would echo back the bearer token this proxy "
+                "adds. Use GET, HEAD, POST, PUT, PATCH, MERGE, DELETE or OPTIONS.",
+                headers={hdrs.ALLOW: _CORS_METHODS},
+                close=True,
+            )
+        if not raw.startswith("/"):
+            if _SCHEME_RE.match(raw) or request._message.url.is_absolute():
+                return self.refuse(
+                    request,
+                    400,
+                    "absolute_form_refused",
+                    "The request target is an absolute URL (forward-proxy style, "
+                    f"'{_clip(raw)}'); this reverse proxy only accepts paths such as "
+                    "'GET /<route path> HTTP/1.1'. Call http://HOST:PORT/<route path> directly "
+                    "and do not configure this proxy as an HTTP(S) proxy in your client.",
+                    close=True,
+                )
+            return self.refuse(
+                request,
+                400,
+                "invalid_request_target",
+                f"The request target '{_clip(raw)}' is not a path; send 'METHOD /<route path> HTTP/1.1'.",
+                close=True,
+            )
+        problem = _path_problem(raw)
+        if problem is not None:
+            return self.refuse(
+                request,
+                400,
+                "path_traversal_refused",
+                f"The request path contains {problem}, which could reach a different upstream "
+                "resource than the route allows. Send the path without dot segments, backslashes or "
+                "leading '//'; percent-encode literal dots or slashes inside OData key values only "
+                "where they cannot form such segments.",
+                close=True,
+            )
+        if request._message.url.is_absolute():  # pragma: no cover - not reachable with aiohttp 3.14
+            return self.refuse(
+                request,
+                400,
+                "absolute_form_refused",
+                "The request target names a host; send only a path such as '/<route path>'.",
+                close=True,
+            )
+        return None
+
+    # ---- 2. Host allow-list -------------------------------------------------------------------
+
+    def host_allowed(self, host: str, port: str | None) -> bool:
+        if is_loopback(host):
+            return True
+        canonical = _canonical_host(host)
+        return any(name == canonical and (want is None or want == port) for name, want in self.allowed_hosts)
+
+    def check_host(self, request: web.Request) -> web.Response | None:
+        values = request.headers.getall(hdrs.HOST, [])
+        if not values:
+            if request.version < (1, 1):
+                return None  # HTTP/1.0 clients may omit Host; they cannot be a rebinding browser
+            return self.refuse(
+                request,
+                400,
+                "host_not_allowed",
+                "HTTP/1.1 requests must carry a Host header; send Host: 127.0.0.1:PORT or localhost:PORT.",
+                close=True,
+            )
+        if len(values) == 1:
+            parsed = _split_host_port(values[0])
+            if parsed is not None and self.host_allowed(*parsed):
+                return None
+        shown = _clip(", ".join(values))
+        return self.refuse(
+            request,
+            421,
+            "host_not_allowed",
+            f"Host '{shown}' is not allowed: this proxy answers only to 127.0.0.1, localhost, [::1], "
+            "its listen address and explicitly allowed names, to stop DNS-rebinding attacks from web "
+            "pages. If you reach the proxy under this name on purpose (e.g. a sidecar service name), "
+            "add it to 'allowed_hosts:' in the config file or pass --allowed-host NAME.",
+            close=True,
+        )
+
+    # ---- 3. cross-site / CORS -----------------------------------------------------------------
+
+    def origin_allowed(self, origin: str) -> bool:
+        if _normalise_origin(origin) in self.cors_origins:
+            return True
+        parsed = _parse_origin(origin)
+        return parsed is not None and parsed[0] in ("http", "https") and self.host_allowed(*parsed[1:])
+
+    def check_cross_site(self, request: web.Request) -> tuple[web.Response | None, str | None]:
+        """(refusal or preflight answer, or None; the origin to add CORS headers for, or None)."""
+        origins = request.headers.getall(hdrs.ORIGIN, [])
+        origin = origins[0] if len(origins) == 1 else None
+        cors_origin = origin if origin is not None and _normalise_origin(origin) in self.cors_origins else None
+        fetch_site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        if fetch_site == "cross-site" and cors_origin is None:
+            return (
+                self.refuse(
+                    request,
+                    403,
+                    "cross_site_refused",
+                    "The browser marked this request as cross-site (Sec-Fetch-Site: cross-site): a web "
+                    "page from another site must not use this proxy's credentials. To call the proxy "
+                    "from your own web app, add its origin (e.g. http://localhost:3000) to "
+                    "'allowed_origins:' in the config file.",
+                ),
+                None,
+            )
+        if origins and (origin is None or not self.origin_allowed(origin)):
+            return (
+                self.refuse(
+                    request,
+                    403,
+                    "origin_not_allowed",
+                    f"Origin '{_clip(', '.join(origins))}' is not allowed to use this proxy. To call "
+                    "the proxy from your own web app, add its exact origin (scheme://host[:port], "
+                    "e.g. http://localhost:3000) to 'allowed_origins:' in the config file.",
+                ),
+                None,
+            )
+        is_preflight = (
+            request.method.upper() == hdrs.METH_OPTIONS
+            and origin is not None
+            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+        )
+        if is_preflight:
+            if cors_origin is None:
+                return (
+                    self.refuse(
+                        request,
+                        403,
+                        "origin_not_allowed",
+                        f"CORS preflight from origin '{_clip(origin or '')}' refused: only origins listed "
+                        "in 'allowed_origins:' in the config file may call this proxy cross-origin; add "
+                        "the exact origin (scheme://host[:port]) there.",
+                    ),
+                    None,
+                )
+            headers = {
+                hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: cors_origin,
+                hdrs.ACCESS_CONTROL_ALLOW_METHODS: _CORS_METHODS,
+                hdrs.ACCESS_CONTROL_MAX_AGE: _CORS_MAX_AGE,
+                hdrs.VARY: "Origin",
+            }
+            requested = _requested_headers(request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ""))
+            if requested:
+                headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = requested
+            return web.Response(status=204, headers=headers), None
+        return None, cors_origin
+
+    # ---- 4. inbound API key -------------------------------------------------------------------
+
+    def _candidates(self, request: web.Request) -> Iterable[str]:
+        yield from request.headers.getall(self.key_header, [])
+        for value in request.headers.getall(hdrs.PROXY_AUTHORIZATION, []):
+            token = _bearer_token(value)
+            if token is not None:
+                yield token
+
+    def check_api_key(self, request: web.Request) -> tuple[web.Response | None, web.Request]:
+        if self._key is None or request.raw_path.split("?", 1)[0] in _KEYLESS_PATHS:
+            return None, request
+        matched = False
+        presented = False
+        for candidate in self._candidates(request):
+            presented = True
+            value = candidate.encode("utf-8", errors="surrogateescape")
+            # evaluate every candidate (no short-circuit) so timing does not tell which one matched
+            equal = hmac.compare_digest(value, self._key)
+            matched = matched or (equal and bool(value))
+        if not matched:
+            return (
+                self.refuse(
+                    request,
+                    401,
+                    "proxy_auth_required",
+                    f"This proxy requires its inbound API key: send it in the {self.key_header} header "
+                    "or as 'Proxy-Authorization: Bearer <key>'. The key is the one configured as "
+                    "inbound_api_key (or ODATA_AUTH_PROXY_INBOUND_API_KEY) for this proxy.",
+                    headers={hdrs.PROXY_AUTHENTICATE: _REALM_CHALLENGE},
+                    note=" (credential presented but wrong)" if presented else " (no credential presented)",
+                ),
+                request,
+            )
+        headers = CIMultiDict(request.headers)
+        headers.popall(self.key_header, None)
+        headers.popall(hdrs.PROXY_AUTHORIZATION, None)
+        return None, request.clone(headers=headers)
+
+    # ---- all together -------------------------------------------------------------------------
+
+    async def __call__(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+        refusal = self.check_target(request) or self.check_host(request)
+        if refusal is not None:
+            return refusal
+        answer, cors_origin = self.check_cross_site(request)
+        if answer is not None:
+            return answer
+        refusal, forwarded = self.check_api_key(request)
+        if refusal is not None:
+            if cors_origin is not None:
+                _apply_cors(refusal, cors_origin)
+            return refusal
+        if cors_origin is None:
+            return await handler(forwarded)
+        _attach_cors_hook(forwarded, cors_origin)
+        response = await handler(forwarded)
+        if not response.prepared:
+            _apply_cors(response, cors_origin)
+        return response
+
+
+def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:
+    """The aiohttp middleware enforcing ``settings``; put it first in ``web.Application(middlewares=...)``."""
+    guard = _Guard(settings)
+
+    @web.middleware
+    async def guard_mw(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        return await guard(request, handler)
+
+    return guard_mw

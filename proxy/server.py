@@ -1,0 +1,153 @@
+"""The proxy's lifecycle in one place: bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
+
+First signal: readiness turns 503, the listener closes, in-flight requests get up to ``shutdown_timeout``
+seconds, then the process exits 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from proxy.app import METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app
+from proxy.config import ConfigError
+
+log = logging.getLogger("odata_auth_proxy")
+
+
+class StartupError(Exception):
+    """Could not start serving (port in use, address not available): one actionable line."""
+
+
+def bind_error(host: str, port: int, exc: OSError, what: str = "listen") -> StartupError:
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(
+            f"cannot {what} on {where}: the address is already in use (another odata-auth-proxy?); "
+            f"stop the other process or choose another port, e.g. --listen {host}:{port + 1 if port else 8081}"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"cannot {what} on {where}: this machine has no such address")
+    if exc.errno == errno.EACCES:
+        return StartupError(f"cannot {what} on {where}: permission denied (ports below 1024 need privileges)")
+    return StartupError(f"cannot {what} on {where}: {exc.strerror or exc}")
+
+
+class ProxyServer:
+    def __init__(self, prepared: Prepared, *, reload: Callable[[], Prepared] | None = None) -> None:
+        self.prepared = prepared
+        self.app = build_app(prepared)
+        self._reload = reload
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=prepared.config.shutdown_timeout
+        )
+        self._admin_runner: web.AppRunner | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self.admin_addresses: list[tuple[str, int]] = []
+        self._stop = asyncio.Event()
+        self._signals = 0
+
+    async def start(self) -> None:
+        config = self.prepared.config
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, config.listen_host, config.listen_port, reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise bind_error(config.listen_host, config.listen_port, exc) from None
+        self.addresses = _bound(self._runner)
+        if config.admin_listen is not None:
+            host, port = config.admin_listen
+            self._admin_runner = web.AppRunner(build_admin_app(self.app), access_log=None, handle_signals=False)
+            await self._admin_runner.setup()
+            try:
+                await web.TCPSite(self._admin_runner, host, port, reuse_address=True).start()
+            except OSError as exc:
+                await self.stop()
+                raise bind_error(host, port, exc, "serve the admin endpoints") from None
+            self.admin_addresses = _bound(self._admin_runner)
+
+    @property
+    def port(self) -> int:
+        return self.addresses[0][1]
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        if hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            log.warning("second %s: exiting now without waiting for in-flight requests", sig.name)
+            os._exit(1)
+        log.info(
+            "%s received: draining (new connections refused, in-flight requests get up to %.0f s); "
+            "send it again to exit at once",
+            sig.name,
+            self.prepared.config.shutdown_timeout,
+        )
+        self.request_stop()
+
+    def request_stop(self) -> None:
+        state = self.app.get(STATE_KEY)
+        if state is not None:
+            state.draining = True
+        self._stop.set()
+
+    def _on_reload_signal(self) -> None:
+        asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Re-read config and keys; keep the old ones (and say why) when the new ones are invalid."""
+        if self._reload is None:
+            log.warning("SIGHUP: nothing to reload from")
+            return False
+        try:
+            prepared = self._reload()
+        except ConfigError as exc:
+            log.error("reload failed, still serving with the previous configuration: %s", exc)
+            return False
+        old = self.prepared.config
+        new = prepared.config
+        if (new.listen_host, new.listen_port, new.admin_listen) != (old.listen_host, old.listen_port, old.admin_listen):
+            log.warning("reload: listen addresses cannot change while running; restart to apply them")
+        for warning in prepared.warnings:
+            log.warning(warning)
+        state = self.app[STATE_KEY]
+        state.swap(Runtime(prepared, self.app[METRICS_KEY]), grace=old.shutdown_timeout)
+        self.prepared = prepared
+        log.info("reloaded configuration: %d route(s)", len(new.routes))
+        return True
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        state = self.app.get(STATE_KEY)
+        if state is not None:
+            state.draining = True
+        await self._runner.cleanup()
+        if self._admin_runner is not None:
+            await self._admin_runner.cleanup()
+
+
+def _bound(runner: web.AppRunner) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for server in runner.sites:
+        srv = getattr(server, "_server", None)
+        for sock in getattr(srv, "sockets", None) or ():
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                address = sock.getsockname()
+                out.append((address[0], address[1]))
+    return out

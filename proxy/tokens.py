@@ -1,0 +1,533 @@
+"""Where bearer tokens come from (``TokenSource``) and how they are kept fresh (``TokenManager``).
+
+The manager is the heart of the proxy: one token request serves every concurrent caller (single
+flight), the token is refreshed in the background before it expires, a failed refresh keeps the
+still-valid token and retries with jittered exponential backoff, and failures are remembered for the
+backoff period so that a dead token server is not hammered by waiting requests.
+Token sources know nothing about forwarding; the forwarder knows nothing about how tokens are made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import random
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from proxy.credentials import Credentials
+from proxy.redact import Secret
+
+log = logging.getLogger("odata_auth_proxy.tokens")
+
+MAX_TOKEN_RESPONSE = 1024 * 1024
+BACKOFF_FIRST = 0.5
+BACKOFF_CAP = 30.0
+
+
+@dataclass(frozen=True)
+class TokenResponse:
+    """A successful token endpoint answer; ``raw`` is the JSON minus nothing (for ``token --json``)."""
+
+    access_token: Secret
+    expires_in: float
+    token_type: str
+    scope: str | None
+    raw: dict[str, Any] = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A token in use, with its schedule on the monotonic clock."""
+
+    value: Secret
+    obtained_at: float
+    lifetime: float
+    scope: str | None = None
+    via_invalidation: bool = False  # fetched because the upstream rejected its predecessor
+
+    @property
+    def fingerprint(self) -> str:
+        return self.value.fingerprint
+
+    @property
+    def expires_at(self) -> float:
+        return self.obtained_at + self.lifetime
+
+    @property
+    def usable_until(self) -> float:
+        """Treat the token as expired a little early (clock skew, latency): min(30 s, 10 % of its life)."""
+        return self.expires_at - min(30.0, 0.1 * self.lifetime)
+
+    @property
+    def refresh_at(self) -> float:
+        """After half its life or 5 minutes before expiry, whichever comes later."""
+        return self.obtained_at + max(self.lifetime / 2, self.lifetime - 300.0)
+
+
+class TokenError(Exception):
+    """No token could be obtained. Carries what the 502/503/504 JSON body says; never a secret.
+
+    ``status``: 502 when the token server answered with an error, 503 when it could not be reached,
+    504 when it timed out. ``error`` is the server's own OAuth ``error`` code or our category.
+    """
+
+    def __init__(
+        self,
+        *,
+        status: int,
+        error: str,
+        detail: str,
+        token_url: str,
+        description: str | None = None,
+        http_status: int | None = None,
+        outcome: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+        self.token_url = token_url
+        self.description = description
+        self.http_status = http_status
+        self.outcome = outcome or error
+
+    def as_json(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "error": "token_unavailable",
+            "token_server_error": self.error,
+            "detail": self.detail,
+            "token_url": self.token_url,
+        }
+        if self.description:
+            body["token_server_error_description"] = self.description
+        if self.http_status is not None:
+            body["token_server_status"] = self.http_status
+        return body
+
+
+# --------------------------------------------------------------------------- sources
+
+_HINTS = {
+    "invalid_client": "check the client id and secret (or certificate) of the service key; a deleted or "
+    "recreated key has a new secret",
+    "unauthorized_client": "the client may not use the client_credentials grant: create the service key with "
+    "grant type Client Credentials",
+    "invalid_scope": "the requested scope is not granted to this client",
+    "unsupported_grant_type": "the token server does not accept client_credentials at this URL",
+}
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+
+def _form_encode(value: str) -> str:
+    return quote(value, safe="")
+
+
+class ClientCredentialsSource:
+    """Fetches tokens with the client credentials grant, by client secret or by client certificate (mTLS).
+
+    Owns nothing: the ``aiohttp.ClientSession`` (with its connection pool) and the TLS context are built
+    once by the application and handed in.
+    """
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        session: aiohttp.ClientSession,
+        ssl_context: ssl.SSLContext,
+        *,
+        timeout: float = 15.0,
+        proxy: str | None = None,
+    ) -> None:
+        self.credentials = credentials
+        self._session = session
+        self._ssl = ssl_context
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self._proxy = proxy
+
+    @property
+    def token_url(self) -> str:
+        return self.credentials.token_url
+
+    def _request_parts(self) -> tuple[dict[str, str], dict[str, str]]:
+        creds = self.credentials
+        form = {"grant_type": "client_credentials"}
+        headers = {"Accept": "application/json"}
+        secret = creds.client_secret
+        if creds.certificate is not None or secret is None:
+            form["client_id"] = creds.client_id
+        elif creds.client_auth == "post":
+            form["client_id"] = creds.client_id
+            form["client_secret"] = secret.reveal()
+        elif creds.client_auth == "basic":
+            headers["Authorization"] = _basic(creds.client_id, secret.reveal())
+        else:  # basic-encoded, RFC 6749 §2.3.1
+            headers["Authorization"] = _basic(_form_encode(creds.client_id), _form_encode(secret.reveal()))
+        form.update(creds.form_params())
+        return form, headers
+
+    async def fetch(self) -> TokenResponse:
+        form, headers = self._request_parts()
+        url = self.token_url
+        try:
+            async with self._session.post(
+                url,
+                data=form,
+                headers=headers,
+                ssl=self._ssl,
+                timeout=self._timeout,
+                allow_redirects=False,
+                proxy=self._proxy,
+            ) as resp:
+                body = await resp.content.read(MAX_TOKEN_RESPONSE)
+                status = resp.status
+                content_type = resp.content_type
+        except TimeoutError:
+            raise TokenError(
+                status=504,
+                error="timeout",
+                outcome="timeout",
+                detail=f"the token server did not answer within {self._timeout.total:g} s",
+                token_url=url,
+            ) from None
+        except aiohttp.ClientConnectorCertificateError as exc:
+            raise TokenError(
+                status=503,
+                error="tls_error",
+                outcome="tls",
+                detail=f"the token server's TLS certificate is not trusted: {exc.certificate_error}; "
+                "if a corporate proxy inspects TLS, add its CA with --ca-bundle FILE",
+                token_url=url,
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise TokenError(
+                status=503,
+                error="tls_error",
+                outcome="tls",
+                detail=_tls_detail(exc, self.credentials.certificate is not None),
+                token_url=url,
+            ) from None
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            raise TokenError(
+                status=503,
+                error="unreachable",
+                outcome="network",
+                detail=f"cannot connect to the token server: {_describe(exc)}",
+                token_url=url,
+            ) from None
+        return self._interpret(status, content_type, body)
+
+    def _interpret(self, status: int, content_type: str, body: bytes) -> TokenResponse:
+        url = self.token_url
+        data: Any = None
+        with contextlib.suppress(ValueError):
+            data = json.loads(body)
+        if status != 200 or not isinstance(data, dict) or "access_token" not in data:
+            error = data.get("error") if isinstance(data, dict) else None
+            description = data.get("error_description") if isinstance(data, dict) else None
+            if isinstance(error, str) and error:
+                hint = _HINTS.get(error)
+                if error in ("invalid_client", "unauthorized_client") and self.credentials.certificate is not None:
+                    hint = (
+                        "the token server did not accept the client certificate for this client id; a certificate "
+                        "key must use the authentication.cert. host, and the chain must reach a root SAP trusts"
+                    )
+                detail = f"the token server refused the request: {error}"
+                if isinstance(description, str) and description:
+                    detail += f" ({description[:300]})"
+                if hint:
+                    detail += f"; {hint}"
+                raise TokenError(
+                    status=502,
+                    error=error[:100],
+                    description=description[:300] if isinstance(description, str) else None,
+                    detail=detail,
+                    token_url=url,
+                    http_status=status,
+                )
+            if status == 200:
+                detail = "the token server answered 200 but without an access_token in a JSON body"
+                if content_type == "text/html":
+                    detail += " (an HTML page: is the token URL right? it usually ends in /oauth/token)"
+            else:
+                detail = f"the token server answered HTTP {status} without an OAuth error"
+                if status == 404:
+                    detail += " (not found: is the token URL right? it usually ends in /oauth/token)"
+            raise TokenError(
+                status=502,
+                error="bad_response",
+                outcome="bad_response",
+                detail=detail,
+                token_url=url,
+                http_status=status,
+            )
+        access_token = data["access_token"]
+        if not isinstance(access_token, str) or not access_token:
+            raise TokenError(
+                status=502,
+                error="bad_response",
+                detail="the token server returned an empty access_token",
+                token_url=url,
+                http_status=status,
+            )
+        expires_in = data.get("expires_in", 3600)
+        try:
+            lifetime = float(expires_in)
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        if lifetime <= 0:
+            lifetime = 60.0
+        scope = data.get("scope")
+        return TokenResponse(
+            access_token=Secret(access_token),
+            expires_in=lifetime,
+            token_type=str(data.get("token_type", "bearer")),
+            scope=scope if isinstance(scope, str) else None,
+            raw=data,
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    """A short cause without secrets: the exception's own text names host and errno, nothing more."""
+    text = str(exc) or exc.__class__.__name__
+    return text[:300]
+
+
+def _tls_detail(exc: aiohttp.ClientSSLError, with_cert: bool) -> str:
+    reason = _describe(exc)
+    lowered = reason.lower()
+    if with_cert and any(
+        word in lowered for word in ("alert", "certificate required", "bad certificate", "unknown ca", "handshake")
+    ):
+        return (
+            "the token server rejected the client certificate during the TLS handshake: "
+            f"{reason}; check that the certificate belongs to this service key, that its chain reaches a root the "
+            "server trusts, and that the token URL is the authentication.cert. host"
+        )
+    if "wrong version number" in lowered:
+        return f"TLS handshake with the token server failed: {reason} (is the URL http:// instead of https://?)"
+    return f"TLS handshake with the token server failed: {reason}"
+
+
+# --------------------------------------------------------------------------- manager
+
+
+@dataclass
+class FetchObserver:
+    """Hooks for metrics: called with (outcome, seconds) after each fetch."""
+
+    on_fetch: Callable[[str, float], None] = lambda outcome, seconds: None
+
+
+class TokenManager:
+    """Cache, single flight, background refresh ahead of expiry, and backoff on failure for one credential."""
+
+    def __init__(
+        self,
+        source: ClientCredentialsSource,
+        name: str,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        observer: FetchObserver | None = None,
+        min_invalidation_interval: float = 1.0,
+    ) -> None:
+        self.source = source
+        self.name = name
+        self._clock = clock
+        self._observer = observer or FetchObserver()
+        self._current: Token | None = None
+        self._inflight: asyncio.Future[Token] | None = None
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._last_error: TokenError | None = None
+        self._retry_at = 0.0
+        self._failures = 0
+        self._refresher: asyncio.Task[None] | None = None
+        self._wakeup = asyncio.Event()
+        self._min_invalidation_interval = min_invalidation_interval
+        self.fetch_count = 0
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def current(self) -> Token | None:
+        token = self._current
+        if token is not None and self._clock() < token.usable_until:
+            return token
+        return None
+
+    @property
+    def last_error(self) -> TokenError | None:
+        return self._last_error
+
+    async def get(self) -> Token:
+        """The current token, or a fresh one (shared with every concurrent caller)."""
+        token = self.current
+        if token is not None:
+            return token
+        if self._inflight is None and self._last_error is not None and self._clock() < self._retry_at:
+            raise self._last_error  # fail fast: the token server was just asked and refused / was unreachable
+        return await self._fetch_shared(invalidation=False)
+
+    def invalidate(self, token: Token) -> bool:
+        """The upstream rejected ``token``: drop it, unless it is already replaced or was just fetched for this.
+
+        Returns True when a request may be replayed with a new token.
+        """
+        current = self._current
+        if current is None or current.value != token.value:
+            return True  # already replaced by another request; the replay takes the new one
+        if current.via_invalidation and self._clock() - current.obtained_at < self._min_invalidation_interval:
+            log.warning(
+                "route %s: upstream rejected a token fetched %.1f s ago (fp %s); not fetching another one "
+                "right away: the client probably lacks a role for this resource",
+                self.name,
+                self._clock() - current.obtained_at,
+                token.fingerprint,
+            )
+            return False
+        log.info("route %s: upstream answered 401 with token fp %s; fetching a new one", self.name, token.fingerprint)
+        self._current = None
+        return True
+
+    async def get_after_invalidation(self) -> Token:
+        token = self.current
+        if token is not None:
+            return token
+        return await self._fetch_shared(invalidation=True)
+
+    def start(self) -> None:
+        """Begin the background loop: fetch now (so readiness turns green) and refresh ahead of expiry."""
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop(), name=f"token-{self.name}")
+
+    async def close(self) -> None:
+        task, self._refresher = self._refresher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._inflight is not None and not self._inflight.done():
+            self._inflight.cancel()
+
+    def seconds_to_expiry(self) -> float | None:
+        token = self._current
+        return None if token is None else token.expires_at - self._clock()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _fetch_shared(self, *, invalidation: bool) -> Token:
+        if self._inflight is None:
+            loop = asyncio.get_running_loop()
+            self._inflight = loop.create_future()
+            self._fetch_task = loop.create_task(
+                self._run_fetch(self._inflight, invalidation), name=f"token-fetch-{self.name}"
+            )
+        # shield: one caller giving up (client disconnect) must not cancel the fetch for the others
+        return await asyncio.shield(self._inflight)
+
+    async def _run_fetch(self, future: asyncio.Future[Token], invalidation: bool) -> None:
+        started = self._clock()
+        self.fetch_count += 1
+        try:
+            response = await self.source.fetch()
+        except TokenError as exc:
+            self._record_failure(exc, self._clock() - started)
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # mark retrieved: nobody may be waiting
+        except asyncio.CancelledError:
+            if not future.done():
+                future.cancel()
+            raise
+        except Exception as exc:  # defensive: a bug must not leave waiters hanging
+            error = TokenError(
+                status=502,
+                error="internal_error",
+                detail=f"token fetch failed: {exc.__class__.__name__}",
+                token_url=self.source.token_url,
+            )
+            self._record_failure(error, self._clock() - started)
+            log.exception("route %s: unexpected error while fetching a token", self.name)
+            if not future.done():
+                future.set_exception(error)
+                future.exception()
+        else:
+            now = self._clock()
+            token = Token(
+                value=response.access_token,
+                obtained_at=now,
+                lifetime=response.expires_in,
+                scope=response.scope,
+                via_invalidation=invalidation,
+            )
+            self._current = token
+            self._last_error = None
+            self._failures = 0
+            self._retry_at = 0.0
+            self._observer.on_fetch("ok", now - started)
+            log.info(
+                "route %s: token fp %s obtained, expires_in %.0f s",
+                self.name,
+                token.fingerprint,
+                token.lifetime,
+            )
+            if not future.done():
+                future.set_result(token)
+            self._wakeup.set()
+        finally:
+            if self._inflight is future:
+                self._inflight = None
+
+    def _record_failure(self, exc: TokenError, seconds: float) -> None:
+        self._failures += 1
+        delay = self.backoff_delay(self._failures)
+        self._last_error = exc
+        self._retry_at = self._clock() + delay
+        self._observer.on_fetch(exc.outcome, seconds)
+        still_valid = self.current is not None
+        log.warning(
+            "route %s: token request to %s failed (%s): %s%s; next attempt in %.1f s",
+            self.name,
+            exc.token_url,
+            exc.error,
+            exc.detail,
+            "; the current token stays in use until it expires" if still_valid else "",
+            delay,
+        )
+
+    @staticmethod
+    def backoff_delay(failures: int) -> float:
+        """Exponential backoff with full jitter in its upper half: 0.5 s, 1 s, 2 s … capped at 30 s."""
+        base = min(BACKOFF_CAP, BACKOFF_FIRST * float(1 << min(max(0, failures - 1), 16)))
+        return base / 2 + random.random() * base / 2
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            token = self._current
+            now = self._clock()
+            if token is None or now >= token.refresh_at:
+                if self._last_error is not None and now < self._retry_at:
+                    await self._sleep(self._retry_at - now)
+                    continue
+                with contextlib.suppress(TokenError):
+                    await self._fetch_shared(invalidation=False)
+                continue
+            await self._sleep(token.refresh_at - now)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, but wake early when a request-driven fetch installs a new token."""
+        self._wakeup.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), timeout=max(0.01, seconds))
