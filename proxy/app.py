@@ -23,6 +23,7 @@ from aiohttp import web
 from proxy.certificates import CertificateError, ClientIdentity, key_file_permission_warning, load_client_identity
 from proxy.config import Config, ConfigError
 from proxy.credentials import Credentials
+from proxy.exchange import EXCHANGE, Exchange, exchange_of
 from proxy.forward import Forwarder, ForwardSettings, json_error
 from proxy.guard import GuardSettings, guard_middleware
 from proxy.logs import ACCESS_LOGGER, access_log_line, log_event
@@ -223,16 +224,16 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
             },
         )
     route = match.route
-    request["route"] = route.name
+    record = exchange_of(request)
+    record.route = route.name
     state.metrics.request_started(route.name)
-    request["inflight_route"] = route.name
-    response = await runtime.forwarder.forward(request, route, match.url, runtime.managers[route.name])
-    if request.get("replayed"):
-        state.metrics.upstream_replay(route.name, "401")
-    error = request.get("error")
-    if error:
-        state.metrics.upstream_errors(route.name, error)
-    return response
+    try:
+        return await runtime.forwarder.forward(request, route, match.url, runtime.managers[route.name])
+    finally:
+        if record.replayed:
+            state.metrics.upstream_replay(route.name, record.replayed)
+        if record.error:
+            state.metrics.upstream_errors(route.name, record.error)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -274,7 +275,8 @@ def observe_middleware(config: Config) -> Callable[[web.Request, Handler], Await
         started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id", "")
         request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-        request["request_id"] = request_id
+        record = Exchange(request_id=request_id)
+        request[EXCHANGE] = record
         status = 500
         try:
             response = await handler(request)
@@ -292,11 +294,10 @@ def observe_middleware(config: Config) -> Callable[[web.Request, Handler], Await
             return json_error(500, {"error": "internal_error", "detail": exc.__class__.__name__})
         finally:
             duration = time.perf_counter() - started
-            route = request.get("inflight_route")
             state = request.app.get(STATE_KEY)
-            if route is not None and state is not None:
+            if record.route is not None and state is not None:
                 state.metrics.request_finished(
-                    route, request.method, status, duration, request.get("bytes_in", 0), request.get("bytes_out", 0)
+                    record.route, request.method, status, duration, record.bytes_in, record.bytes_out
                 )
             if config.access_log:
                 target = request.raw_path if config.log_query else request.raw_path.partition("?")[0]
@@ -305,11 +306,11 @@ def observe_middleware(config: Config) -> Callable[[web.Request, Handler], Await
                     method=request.method,
                     target=target,
                     status=status,
-                    bytes_out=request.get("bytes_out", 0),
+                    bytes_out=record.bytes_out,
                     duration=duration,
-                    route=request.get("route"),
-                    upstream_status=request.get("upstream_status"),
-                    token_fp=request.get("token_fp"),
+                    route=record.route,
+                    upstream_status=record.upstream_status,
+                    token_fp=record.token_fp,
                     request_id=request_id,
                 )
                 level = logging.DEBUG if request.path.startswith("/-/") else logging.INFO
@@ -320,9 +321,9 @@ def observe_middleware(config: Config) -> Callable[[web.Request, Handler], Await
 
 
 async def _add_request_id(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    request_id = request.get("request_id")
-    if request_id:
-        response.headers["X-Request-Id"] = request_id
+    record = request.get(EXCHANGE)
+    if record is not None:
+        response.headers["X-Request-Id"] = record.request_id
 
 
 # --------------------------------------------------------------------------- assembly

@@ -154,9 +154,16 @@ def _env_bool(value: str, name: str) -> bool:
 
 def _env_float(value: str, name: str) -> float:
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise ConfigError(f"{name}: expected a number of seconds, got {value!r}") from None
+    if number < 0:
+        raise ConfigError(f"{name}: must be at least 0, got {value!r}")
+    return number
+
+
+def _or_default(value: float | None, default: float) -> float:
+    return default if value is None else value
 
 
 # --------------------------------------------------------------------------- loading
@@ -366,9 +373,10 @@ def normalize_prefix(value: str, where: str) -> str:
         raise ConfigError(f"{where}: must start with '/', got {value!r}")
     if "?" in value or "#" in value or "/../" in value + "/" or "/./" in value + "/":
         raise ConfigError(f"{where}: must be a plain path like /api/v1/")
-    if value.startswith("/-/"):
+    normalized = value.rstrip("/") + "/"
+    if normalized.startswith("/-/"):
         raise ConfigError(f"{where}: /-/ is reserved for the proxy's admin endpoints")
-    return value.rstrip("/") + "/"
+    return normalized
 
 
 # --------------------------------------------------------------------------- building
@@ -455,7 +463,7 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
         max_body_size=int(max_body) if max_body is not None else None,
         max_header_size=int(limits_section.get_number("max_header_size", 1024) or Limits.max_header_size),
         max_headers=int(limits_section.get_number("max_headers", 1) or Limits.max_headers),
-        replay_buffer=int(limits_section.get_number("replay_buffer", 0) or Limits.replay_buffer),
+        replay_buffer=int(_or_default(limits_section.get_number("replay_buffer", 0), Limits.replay_buffer)),
     )
 
     routes = _build_routes(raw, ov, env, base_dir, ca_bundle)
@@ -513,7 +521,7 @@ def _build_routes(
 
     routes: list[Route] = []
     for index, raw_route in enumerate(raw_routes):
-        routes.append(_build_route(raw_route, index, ov if route_overrides else None, env, base_dir))
+        routes.append(_build_route(raw_route, index, ov if route_overrides else None, env, base_dir, ov.key_password))
     names = [r.name for r in routes]
     for name in names:
         if names.count(name) > 1:
@@ -526,13 +534,17 @@ def _build_routes(
     return tuple(routes)
 
 
-def _build_route(raw_route: Any, index: int, ov: Overrides | None, env: Mapping[str, str], base_dir: Path) -> Route:
+def _build_route(
+    raw_route: Any, index: int, ov: Overrides | None, env: Mapping[str, str], base_dir: Path, key_password: str | None
+) -> Route:
     path = f"routes[{index}]"
     section = _Section(raw_route, path, _ROUTE_KEYS)
     name = section.get_str("name") or f"route{index}"
     prefix = normalize_prefix(section.get_str("prefix") or "/", section.where("prefix"))
     cred_path = section.where("credentials")
-    creds, key_upstream = _build_credentials(section.data.get("credentials"), cred_path, ov, env, base_dir)
+    creds, key_upstream = _build_credentials(
+        section.data.get("credentials"), cred_path, ov, env, base_dir, key_password
+    )
 
     upstream_value = (ov.upstream if ov else None) or section.get_str("upstream") or key_upstream
     if not upstream_value:
@@ -557,7 +569,7 @@ def _build_route(raw_route: Any, index: int, ov: Overrides | None, env: Mapping[
 
 
 def _build_credentials(
-    raw: Any, path: str, ov: Overrides | None, env: Mapping[str, str], base_dir: Path
+    raw: Any, path: str, ov: Overrides | None, env: Mapping[str, str], base_dir: Path, key_password: str | None
 ) -> tuple[Credentials, str | None]:
     section = _Section(raw, path, _CRED_KEYS)
     key: ServiceKey | None = None
@@ -589,7 +601,7 @@ def _build_credentials(
             f"{section.where('client_auth')}: expected one of {', '.join(CLIENT_AUTH_CHOICES)}, got {client_auth!r}"
         )
 
-    cert_spec = _certificate_spec(section, ov, env, base_dir, key)
+    cert_spec = _certificate_spec(section, ov, base_dir, key, key_password)
     if cert_spec is None and secret is None:
         raise ConfigError(
             f"{section.where('client_secret')}: missing: give client_secret / client_secret_file, "
@@ -620,7 +632,7 @@ def _build_credentials(
 
 
 def _certificate_spec(
-    section: _Section, ov: Overrides | None, env: Mapping[str, str], base_dir: Path, key: ServiceKey | None
+    section: _Section, ov: Overrides | None, base_dir: Path, key: ServiceKey | None, key_password_override: str | None
 ) -> CertificateSpec | None:
     """Combine certificate material from flags, the YAML and the service key (flags/YAML override the key)."""
 
@@ -652,12 +664,10 @@ def _certificate_spec(
             f"{where}: the client certificate has no private key (key type External Certificate keeps it with "
             "you): give it with --key FILE, ODATA_AUTH_PROXY_KEY or credentials.key"
         )
-    key_password = (Secret(ov.key_password) if ov and ov.key_password else None) or section.get_secret(
-        "key_password", base_dir
+    # flag/env (merged into the overrides) beat the file
+    key_password = (
+        Secret(key_password_override) if key_password_override else section.get_secret("key_password", base_dir)
     )
-    env_password = env.get(ENV_PREFIX + "KEY_PASSWORD")
-    if key_password is None and env_password:
-        key_password = Secret(env_password)
     return CertificateSpec(
         certificate=cert,
         key=pkey,

@@ -24,7 +24,7 @@ class Material:
     or ``file /etc/proxy/client.key``; it never contains the material itself.
     """
 
-    origin: str
+    origin: str = field(compare=False)
     text: str | None = field(default=None, repr=False)
     path: str | None = None
 
@@ -68,7 +68,7 @@ class Credentials:
     resource: str | None = None
     audience: str | None = None
     token_params: tuple[tuple[str, str], ...] = ()
-    source: str = "config"  # where these came from, for messages: "service key ~/k.json"
+    source: str = field(default="config", compare=False)  # for messages: "service key ~/k.json"
 
     @property
     def kind(self) -> str:

@@ -20,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from proxy.config import Route
+from proxy.exchange import exchange_of
 from proxy.router import proxy_location
 from proxy.tokens import Token, TokenError, TokenManager
 
@@ -98,11 +99,14 @@ class RequestBody:
 
     @property
     def replayable(self) -> bool:
-        return self.stream is None
+        return self.stream is None and not self.consumed
+
+    consumed: bool = False  # a stream can be sent once only
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         if self.stream is not None:
             stream, self.stream = self.stream, None
+            self.consumed = True
             return stream
         return self.data
 
@@ -171,6 +175,7 @@ class Forwarder:
 
     async def forward(self, request: web.Request, route: Route, url: URL, manager: TokenManager) -> web.StreamResponse:
         settings = self._settings
+        record = exchange_of(request)
         try:
             body = await read_request_body(request, settings.replay_limit, settings.max_body)
         except BodyTooLarge:
@@ -178,26 +183,25 @@ class Forwarder:
         try:
             token = await manager.get()
         except TokenError as exc:
-            request["error"] = exc.error
+            record.error = exc.error
             return json_error(exc.status, exc.as_json())
         headers = upstream_request_headers(request.headers, settings.drop_headers)
-        request_id = request.get("request_id")
-        if request_id:
-            headers["X-Request-Id"] = request_id
+        if record.request_id != "-":
+            headers["X-Request-Id"] = record.request_id
         if body.length is not None and body.stream is not None:
             headers["Content-Length"] = str(body.length)
         try:
             resp = await self._send(request.method, url, headers, token, body)
-            request["token_fp"] = token.fingerprint
+            record.token_fp = token.fingerprint
             if resp.status == 401 and body.replayable and manager.invalidate(token):
                 resp.release()
-                request["replayed"] = True
+                record.replayed = "401"
                 try:
                     token = await manager.get_after_invalidation()
                 except TokenError as exc:
-                    request["error"] = exc.error
+                    record.error = exc.error
                     return json_error(exc.status, exc.as_json())
-                request["token_fp"] = token.fingerprint
+                record.token_fp = token.fingerprint
                 resp = await self._send(request.method, url, headers, token, body)
         except BodyTooLarge:
             return self._too_large()
@@ -205,8 +209,8 @@ class Forwarder:
             if body.too_large:
                 return self._too_large()
             return self._upstream_error(route, url, exc, request)
-        request["upstream_status"] = resp.status
-        request["bytes_in"] = body.received
+        record.upstream_status = resp.status
+        record.bytes_in = body.received
         async with resp:
             return await self._stream_back(request, route, resp)
 
@@ -246,11 +250,11 @@ class Forwarder:
                     sent,
                     exc.__class__.__name__,
                 )
-                request["bytes_out"] = sent
+                exchange_of(request).bytes_out = sent
                 if request.transport is not None:
                     request.transport.close()
                 return out
-        request["bytes_out"] = sent
+        exchange_of(request).bytes_out = sent
         await out.write_eof()
         return out
 
@@ -282,6 +286,6 @@ class Forwarder:
         else:
             status, code = 502, "upstream_error"
             detail = f"the upstream connection failed: {exc.__class__.__name__}: {str(exc)[:200]}"
-        request["error"] = code
+        exchange_of(request).error = code
         log.warning("route %s: %s (%s)", route.name, code, detail)
         return json_error(status, {"error": code, "detail": detail, "upstream": upstream, "route": route.name})

@@ -107,7 +107,8 @@ class GuardSettings:
     #: extra Host names (e.g. sidecar service names), case-insensitive; ``name`` matches any port,
     #: ``name:port`` only that port
     allowed_hosts: tuple[str, ...] = ()
-    #: browser origins allowed to call the proxy cross-origin (CORS), exact ``scheme://host[:port]``
+    #: browser origins allowed to call the proxy cross-origin (CORS), exact ``scheme://host[:port]``;
+    #: ``null`` is ignored (any site can produce it from a sandboxed iframe)
     allowed_origins: tuple[str, ...] = ()
     api_key: Secret | None = None
     api_key_header: str = DEFAULT_API_KEY_HEADER
@@ -317,7 +318,10 @@ class _Guard:
         if settings.listen_host.strip() and not _is_unspecified(settings.listen_host):
             hosts.add((_canonical_host(settings.listen_host), None))
         self.allowed_hosts = frozenset(hosts)
-        self.cors_origins = frozenset(_normalise_origin(o) for o in settings.allowed_origins if o.strip())
+        # "null" (sandboxed iframes, file: pages, redirects) is never a CORS origin: any site can send it
+        self.cors_origins = frozenset(
+            _normalise_origin(o) for o in settings.allowed_origins if _normalise_origin(o) not in ("", "null")
+        )
         key = settings.api_key.reveal() if settings.api_key is not None else None
         self._key: bytes | None = key.encode("utf-8") if key is not None else None
         self._key_text = key or ""
@@ -330,6 +334,10 @@ class _Guard:
             text = text.replace(self._key_text, "[redacted]")
         return text
 
+    def show(self, value: str) -> str:
+        """A request-supplied value made safe to echo or log: key redacted *before* truncation, escaped."""
+        return _clip(self._redact(value))
+
     def refuse(
         self,
         request: web.Request,
@@ -341,7 +349,7 @@ class _Guard:
         close: bool = False,
         note: str = "",
     ) -> web.Response:
-        path = self._redact(_clip(request.raw_path))
+        path = self.show(request.raw_path)
         _LOG.warning(
             "refused %s (%d): %s %s from %s%s",
             code,
@@ -389,7 +397,7 @@ class _Guard:
                     400,
                     "absolute_form_refused",
                     "The request target is an absolute URL (forward-proxy style, "
-                    f"'{_clip(raw)}'); this reverse proxy only accepts paths such as "
+                    f"'{self.show(raw)}'); this reverse proxy only accepts paths such as "
                     "'GET /<route path> HTTP/1.1'. Call http://HOST:PORT/<route path> directly "
                     "and do not configure this proxy as an HTTP(S) proxy in your client.",
                     close=True,
@@ -398,7 +406,7 @@ class _Guard:
                 request,
                 400,
                 "invalid_request_target",
-                f"The request target '{_clip(raw)}' is not a path; send 'METHOD /<route path> HTTP/1.1'.",
+                f"The request target '{self.show(raw)}' is not a path; send 'METHOD /<route path> HTTP/1.1'.",
                 close=True,
             )
         problem = _path_problem(raw)
@@ -408,9 +416,9 @@ class _Guard:
                 400,
                 "path_traversal_refused",
                 f"The request path contains {problem}, which could reach a different upstream "
-                "resource than the route allows. Send the path without dot segments, backslashes or "
-                "leading '//'; percent-encode literal dots or slashes inside OData key values only "
-                "where they cannot form such segments.",
+                "resource than the route allows. Send the path in normalised form: no '.' or '..' "
+                "segments, no backslashes, no leading '//'. A percent-encoded slash inside an OData key "
+                "value is fine as long as it does not form such a segment.",
                 close=True,
             )
         if request._message.url.is_absolute():  # pragma: no cover - not reachable with aiohttp 3.14
@@ -447,7 +455,7 @@ class _Guard:
             parsed = _split_host_port(values[0])
             if parsed is not None and self.host_allowed(*parsed):
                 return None
-        shown = _clip(", ".join(values))
+        shown = self.show(", ".join(values))
         return self.refuse(
             request,
             421,
@@ -492,7 +500,7 @@ class _Guard:
                     request,
                     403,
                     "origin_not_allowed",
-                    f"Origin '{_clip(', '.join(origins))}' is not allowed to use this proxy. To call "
+                    f"Origin '{self.show(', '.join(origins))}' is not allowed to use this proxy. To call "
                     "the proxy from your own web app, add its exact origin (scheme://host[:port], "
                     "e.g. http://localhost:3000) to 'allowed_origins:' in the config file.",
                 ),
@@ -510,7 +518,7 @@ class _Guard:
                         request,
                         403,
                         "origin_not_allowed",
-                        f"CORS preflight from origin '{_clip(origin or '')}' refused: only origins listed "
+                        f"CORS preflight from origin '{self.show(origin or '')}' refused: only origins listed "
                         "in 'allowed_origins:' in the config file may call this proxy cross-origin; add "
                         "the exact origin (scheme://host[:port]) there.",
                     ),
@@ -581,17 +589,28 @@ class _Guard:
             if cors_origin is not None:
                 _apply_cors(refusal, cors_origin)
             return refusal
-        if cors_origin is None:
-            return await handler(forwarded)
-        _attach_cors_hook(forwarded, cors_origin)
-        response = await handler(forwarded)
-        if not response.prepared:
+        if cors_origin is not None:
+            _attach_cors_hook(forwarded, cors_origin)
+        try:
+            response = await handler(forwarded)
+        finally:
+            if forwarded is not request:
+                # clone() copies the per-request dict: hand what the handler recorded (route, byte
+                # counts, upstream status, ...) back to the outer middlewares, which hold `request`
+                request.update(forwarded)
+        if cors_origin is not None and not response.prepared:
             _apply_cors(response, cors_origin)
         return response
 
 
 def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:
-    """The aiohttp middleware enforcing ``settings``; put it first in ``web.Application(middlewares=...)``."""
+    """The aiohttp middleware enforcing ``settings``.
+
+    Put it before every middleware that forwards or acts on a request; outer middlewares that only
+    observe (request id, access log, metrics) may wrap it. When the API key headers are removed, the
+    handler gets a ``request.clone()``; values it stores in the request (``request["..."] = ...``)
+    are copied back to the original request when it returns.
+    """
     guard = _Guard(settings)
 
     @web.middleware

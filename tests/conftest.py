@@ -1,0 +1,306 @@
+"""Real servers for the tests: an HTTPS token server and an HTTPS upstream (aiohttp on 127.0.0.1, certificates
+from a throwaway CA made here), and the proxy itself started in-process on a free loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import itertools
+import json
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+import yaml
+from aiohttp import web
+
+from proxy.app import prepare
+from proxy.config import Config, Overrides, load_config
+from proxy.server import ProxyServer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+CLIENT_ID = "sb-0a1b2c3d!b12345|it!b67890"
+CLIENT_SECRET = "s3cr3t$with+plus=and/slash"
+
+
+@dataclass
+class Tls:
+    ca: trustme.CA
+    ca_path: Path
+    server_ctx: ssl.SSLContext
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(ctx)
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    ca.cert_pem.write_to_path(str(path))
+    return Tls(ca=ca, ca_path=path, server_ctx=ctx)
+
+
+def jwt_like(claims: dict[str, Any]) -> str:
+    def part(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'RS256', 'typ': 'JWT'})}.{part(claims)}.c2lnbmF0dXJl"
+
+
+@dataclass
+class TokenServer:
+    """An OAuth token endpoint that checks client authentication exactly as configured."""
+
+    client_id: str = CLIENT_ID
+    client_secret: str = CLIENT_SECRET
+    auth_mode: str = "post"  # post | basic | basic-encoded | cert (client id in the form, identity from TLS)
+    lifetime: float = 3600
+    fail: str | None = None  # None | "invalid_client" | "500" | "html" | "hang"
+    delay: float = 0.0
+    scope: str = "WorkspacePackagesRead"
+    requests: int = 0
+    issued: list[str] = field(default_factory=list)
+    forms: list[dict[str, str]] = field(default_factory=list)
+    url: str = ""
+    _counter: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def _authenticated(self, request: web.Request, form: dict[str, str]) -> bool:
+        header = request.headers.get("Authorization", "")
+        if self.auth_mode == "post":
+            return (
+                not header
+                and form.get("client_id") == self.client_id
+                and form.get("client_secret") == self.client_secret
+            )
+        if self.auth_mode in ("basic", "basic-encoded"):
+            if not header.startswith("Basic ") or "client_secret" in form:
+                return False
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            if self.auth_mode == "basic":
+                return (user, password) == (self.client_id, self.client_secret)
+            from urllib.parse import quote
+
+            return (user, password) == (quote(self.client_id, safe=""), quote(self.client_secret, safe=""))
+        return form.get("client_id") == self.client_id and "client_secret" not in form
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        self.forms.append(form)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail == "hang":
+            await asyncio.sleep(3600)
+        if self.fail == "500":
+            return web.Response(status=500, text="internal error")
+        if self.fail == "html":
+            return web.Response(status=200, text="<html>login</html>", content_type="text/html")
+        if self.fail == "invalid_client" or not self._authenticated(request, form):
+            return web.json_response({"error": "invalid_client", "error_description": "Bad credentials"}, status=401)
+        if form.get("grant_type") != "client_credentials":
+            return web.json_response({"error": "unsupported_grant_type"}, status=400)
+        token = jwt_like({"client_id": self.client_id, "scope": self.scope.split(), "jti": next(self._counter)})
+        self.issued.append(token)
+        return web.json_response(
+            {"access_token": token, "token_type": "bearer", "expires_in": self.lifetime, "scope": self.scope}
+        )
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/oauth/token", self.handle)
+        return app
+
+
+@dataclass
+class Upstream:
+    """An HTTPS API that accepts only tokens the token server issued and not revoked; records what arrived."""
+
+    tokens: TokenServer
+    revoked: set[str] = field(default_factory=set)
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+
+    def _authorized(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        token = header[7:] if header.startswith("Bearer ") else ""
+        return token in self.tokens.issued and token not in self.revoked
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.requests.append(
+            {"method": request.method, "raw_path": request.raw_path, "headers": list(request.headers.items())}
+        )
+        if not self._authorized(request):
+            return web.json_response({"error": "unauthorized"}, status=401, headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    async def echo(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        size = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            size += len(chunk)
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "headers": list(request.headers.items()),
+                "body_length": size,
+                "body_sha256": digest.hexdigest(),
+                "chunked": request.headers.get("Transfer-Encoding", "").lower() == "chunked",
+            }
+        )
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        total = int(request.query.get("bytes", "0"))
+        resp = web.StreamResponse()
+        resp.content_type = "application/octet-stream"
+        if request.query.get("length") == "1":
+            resp.content_length = total
+        await resp.prepare(request)
+        chunk = b"x" * (256 * 1024)
+        sent = 0
+        while sent < total:
+            piece = chunk[: min(len(chunk), total - sent)]
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+        return resp
+
+    async def redirect(self, request: web.Request) -> web.Response:
+        return web.Response(
+            status=302,
+            headers={"Location": f"{self.url}/api/v1/target?x=1", "Content-Location": f"{self.url}/api/v1/here"},
+        )
+
+    async def cookies(self, request: web.Request) -> web.Response:
+        resp = web.Response(text="ok")
+        resp.headers.add("Set-Cookie", "a=1; Path=/")
+        resp.headers.add("Set-Cookie", "b=2; Path=/; HttpOnly")
+        return resp
+
+    async def gzipped(self, request: web.Request) -> web.Response:
+        body = gzip.compress(json.dumps({"hello": "world" * 100}).encode())
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    async def hop(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="hop",
+            headers={"Connection": "X-Private", "X-Private": "drop-me", "Keep-Alive": "timeout=5", "X-Kept": "1"},
+        )
+
+    async def slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("seconds", "1")))
+        return web.Response(text="slow done")
+
+    async def broken(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_length = 1000
+        await resp.prepare(request)
+        await resp.write(b"x" * 100)
+        assert request.transport is not None
+        request.transport.close()
+        return resp
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_route("*", "/api/v1/echo{tail:.*}", self.echo)
+        app.router.add_get("/api/v1/stream", self.stream)
+        app.router.add_get("/api/v1/redirect", self.redirect)
+        app.router.add_get("/api/v1/cookies", self.cookies)
+        app.router.add_get("/api/v1/gzip", self.gzipped)
+        app.router.add_get("/api/v1/hop", self.hop)
+        app.router.add_get("/api/v1/slow", self.slow)
+        app.router.add_get("/api/v1/broken", self.broken)
+        app.router.add_route("*", "/{tail:.*}", self.echo)
+        return app
+
+
+async def serve(app: web.Application, ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    scheme = "https" if ssl_context else "http"
+    return runner, f"{scheme}://{host}:{port}"
+
+
+@dataclass
+class Backend:
+    tokens: TokenServer
+    upstream: Upstream
+    tls: Tls
+
+
+@pytest.fixture
+async def backend(tls: Tls) -> AsyncIterator[Backend]:
+    tokens = TokenServer()
+    upstream = Upstream(tokens)
+    token_runner, tokens.url = await serve(tokens.app(), tls.server_ctx)
+    up_runner, upstream.url = await serve(upstream.app(), tls.server_ctx)
+    try:
+        yield Backend(tokens, upstream, tls)
+    finally:
+        await up_runner.cleanup()
+        await token_runner.cleanup()
+
+
+def write_yaml(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def secret_route(backend: Backend, **extra: Any) -> dict[str, Any]:
+    route: dict[str, Any] = {
+        "name": "api",
+        "prefix": "/",
+        "upstream": backend.upstream.url,
+        "credentials": {
+            "token_url": backend.tokens.url + "/oauth/token",
+            "client_id": backend.tokens.client_id,
+            "client_secret": backend.tokens.client_secret,
+        },
+    }
+    route.update(extra)
+    return route
+
+
+def make_config(tmp_path: Path, backend: Backend, routes: list[dict[str, Any]] | None = None, **top: Any) -> Config:
+    data: dict[str, Any] = {
+        "listen": "127.0.0.1:0",
+        "tls": {"ca_bundle": str(backend.tls.ca_path)},
+        "routes": routes or [secret_route(backend)],
+    }
+    data.update(top)
+    return load_config(Overrides(config=str(write_yaml(tmp_path / "proxy.yaml", data))), env={})
+
+
+@dataclass
+class RunningProxy:
+    server: ProxyServer
+    url: str
+
+
+@asynccontextmanager
+async def running_proxy(config: Config) -> AsyncIterator[RunningProxy]:
+    server = ProxyServer(prepare(config))
+    await server.start()
+    try:
+        yield RunningProxy(server, f"http://127.0.0.1:{server.port}")
+    finally:
+        await server.stop()
+
+
+@pytest.fixture
+async def proxy(tmp_path: Path, backend: Backend) -> AsyncIterator[RunningProxy]:
+    async with running_proxy(make_config(tmp_path, backend)) as running:
+        yield running
