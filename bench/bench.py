@@ -529,8 +529,15 @@ class Bench:
         www = tmp / "www"
         (www / "api/v1").mkdir(parents=True)
         (www / "api/v1/IntegrationPackages").write_bytes(odata_json())
-        with open(www / "api/v1/large", "wb") as f:
+        large = www / "api/v1/large"
+        with open(large, "wb") as f:
             f.truncate(a.download_bytes)  # sparse: no disk space, reads as zeros
+        # read it once: the first read of a fresh sparse file fills the page cache and runs at half speed,
+        # which would handicap whichever target downloads first
+        buf = bytearray(8 * MIB)
+        with open(large, "rb") as f:
+            while f.readinto(buf):
+                pass
 
         backend_log = tmp / "backend.log"
         backend = self.procs.start(
@@ -706,7 +713,8 @@ class Bench:
     ) -> Transfer:
         fields = result.stdout.split()
         if result.returncode != 0 or len(fields) < 4:
-            return Transfer(False, 0, 0, 0.0, 0.0, None, None, note=f"curl {result.returncode}: {result.stderr.strip()}")
+            note = f"curl {result.returncode}: {result.stderr.strip()}"
+            return Transfer(False, 0, 0, 0.0, 0.0, None, None, note=note)
         status, nbytes, speed, seconds = int(fields[0]), int(float(fields[1])), float(fields[2]), float(fields[3])
         note = ""
         if upload:
@@ -806,7 +814,7 @@ class Bench:
         pyspy = str(VENV_BIN / "py-spy")
         for label, action in (
             ("get16", lambda: self.wrk(target, 16, self.args.profile_duration)),
-            ("download", lambda: self.download(target)),
+            ("download", lambda: self.repeat(self.args.profile_duration, lambda: self.download(target))),
         ):
             raw = out_dir / f"profile-{label}.txt"
             cmd = [pyspy, "record", "--pid", str(target.proc.pid), "--format", "raw", "--function"]
@@ -814,20 +822,25 @@ class Bench:
             spy_log = self.tmp / f"py-spy-{label}.log"
             spy = self.procs.start(f"py-spy {label}", cmd, spy_log)
             time.sleep(1.0)
+            spy_started = time.monotonic()
             action()
             # py-spy writes its output on SIGINT
             with contextlib.suppress(ProcessLookupError):
                 os.kill(spy.pid, signal.SIGINT)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 spy.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
             self.procs.stop(spy)
             if not raw.exists():
                 self.profile_notes.append(f"py-spy ({label}) wrote nothing: {tail(spy_log, 5)}")
                 continue
-            self.profile_notes.append(summarize_profile(raw, label))
+            self.profile_notes.append(summarize_profile(raw, label, time.monotonic() - spy_started, 200))
             log(f"profile {label} written to {raw}")
+
+    @staticmethod
+    def repeat(seconds: float, action: Any) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            action()
 
     # ------------------------------------------------------------------ teardown
 
@@ -839,36 +852,75 @@ class Bench:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def summarize_profile(raw: Path, label: str, top: int = 15) -> str:
+def summarize_profile(raw: Path, label: str, seconds: float, rate: int, top: int = 12) -> str:
+    """Top frames of a py-spy ``--format raw`` profile: self time, inclusive time, and by package."""
     self_counts: dict[str, int] = {}
     incl_counts: dict[str, int] = {}
-    total = 0
+    by_package: dict[str, int] = {}
+    total = in_threads = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [f for f in stack.split(";") if f and not f.startswith("process ") and not f.startswith("thread ")]
+        frames = [f for f in stack.split(";") if f and not f.startswith(("process ", "thread "))]
         if not frames:
             continue
         total += count
-        self_counts[frames[-1]] = self_counts.get(frames[-1], 0) + count
+        if any("concurrent/futures/thread.py" in f or f.startswith("Thread._bootstrap") for f in frames):
+            in_threads += count
+        leaf = frames[-1]
+        self_counts[leaf] = self_counts.get(leaf, 0) + count
+        package = frame_package(leaf)
+        by_package[package] = by_package.get(package, 0) + count
         for f in set(frames):
             incl_counts[f] = incl_counts.get(f, 0) + count
     if not total:
-        return f"### profile {label}: no samples"
-    lines = [f"### py-spy, {label}: {total} samples (CPU-active only)", "", "Top self time:", ""]
+        return f"### py-spy, {label}: no samples"
+
+    def pct(count: int) -> str:
+        return f"{100 * count / total:5.1f}%"
+
+    lines = [
+        f"### py-spy, {label}: {total} samples in {seconds:.0f} s at {rate} Hz "
+        f"(CPU-active samples only; {pct(in_threads).strip()} of them in worker threads, not the event loop)",
+        "",
+        "Self time by package: "
+        + ", ".join(f"{k} {pct(v).strip()}" for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])[:8]),
+        "",
+        "Top self time:",
+        "",
+    ]
     for frame, count in sorted(self_counts.items(), key=lambda kv: -kv[1])[:top]:
-        lines.append(f"- {100 * count / total:5.1f}%  {shorten_frame(frame)}")
-    lines += ["", "Top inclusive time (project and aiohttp frames):", ""]
+        lines.append(f"- {pct(count)}  {shorten_frame(frame)}")
+    lines += ["", "Top inclusive time (project and aiohttp frames below the request handler):", ""]
     shown = 0
+    skip = ("proxy/cli.py", "web_protocol.py", "web_app.py", "web_middlewares.py")
     for frame, count in sorted(incl_counts.items(), key=lambda kv: -kv[1]):
-        if "proxy/" in frame or "aiohttp/" in frame or "yarl/" in frame or "multidict" in frame:
-            lines.append(f"- {100 * count / total:5.1f}%  {shorten_frame(frame)}")
+        if any(s in frame for s in skip):
+            continue
+        if "proxy/" in frame or "aiohttp/" in frame or "prometheus_client/" in frame:
+            lines.append(f"- {pct(count)}  {shorten_frame(frame)}")
             shown += 1
             if shown >= top:
                 break
     return "\n".join(lines)
+
+
+def frame_package(frame: str) -> str:
+    if frame.startswith("Runner.run "):
+        return "event loop (C: uvloop, syscalls)"
+    m = re.search(r"\((?:.*/)?(?:site-packages/)?([^/()<>]+)/[^/()]+:\d+\)$", frame)
+    if "<frozen" in frame:
+        return "stdlib"
+    if not m:
+        return "stdlib"
+    top = m.group(1)
+    if top in ("proxy",):
+        return "proxy (project)"
+    if top in ("aiohttp", "yarl", "multidict", "prometheus_client", "uvloop", "propcache", "frozenlist"):
+        return top
+    return "stdlib" if top in ("asyncio", "concurrent", "urllib", "email", "http", "json", "logging") else top
 
 
 def shorten_frame(frame: str) -> str:
@@ -952,7 +1004,8 @@ def report(bench: Bench) -> str:
     if g:
         out += ["## Small GET (~1 KB JSON), keep-alive", ""]
         out += [
-            "| target | conns | req/s | × direct | × nginx | × naive | p50 ms | p99 ms | p99 added vs direct | failed |",
+            "| target | conns | req/s | × direct | × nginx | × naive | p50 ms | p99 ms | p99 added vs direct "
+            "| failed |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for conns in a.connections:
@@ -1008,7 +1061,13 @@ def report(bench: Bench) -> str:
             "## Token requests",
             "",
             f"Token requests by the main odata-auth-proxy instance during the whole run (1-hour tokens): "
-            f"**{bench.token_requests_main}**.",
+            f"**{bench.token_requests_main}**"
+            + (
+                f"; plus {bench.rotation['tokens']} by the rotation-pass instance (5-s tokens), "
+                f"{bench.token_requests_main + bench.rotation['tokens']} in all."
+                if bench.rotation
+                else "."
+            ),
             "",
         ]
     rot = bench.rotation
@@ -1123,7 +1182,8 @@ def goals(bench: Bench) -> list[str]:
             (
                 f"token refreshes with {rot['lifetime']:g}-s tokens as expected",
                 verdict(token_ok),
-                f"{rot['tokens']} tokens in {rot['elapsed']:.1f} s, expected {rot['expected_min']}–{rot['expected_max']}",
+                f"{rot['tokens']} tokens in {rot['elapsed']:.1f} s, "
+                f"expected {rot['expected_min']}–{rot['expected_max']}",
             )
         )
     lines = ["## Targets", "", "| target | verdict | numbers |", "| --- | --- | --- |"]
@@ -1206,7 +1266,10 @@ def main(argv: list[str] | None = None) -> int:
     def on_term(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    # explicit handlers: SIGINT may arrive ignored (started in the background) and Ctrl-C must still clean up
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_term)
     bench = Bench(args)
     bench.load_at_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     try:
@@ -1225,6 +1288,8 @@ def main(argv: list[str] | None = None) -> int:
         log("interrupted; stopping everything")
         return 130
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
         bench.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from proxy.certificates import CertificateError, ClientIdentity, key_file_permission_warning, load_client_identity
 from proxy.config import Config, ConfigError
@@ -35,6 +36,7 @@ from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager
 log = logging.getLogger("odata_auth_proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
 
+CERTIFICATE_CHECK_INTERVAL = 86400.0
 ADMIN_PATHS = ("/-/healthz", "/-/readyz", "/-/metrics")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
@@ -156,12 +158,26 @@ class Runtime:
             self.managers[route.name] = manager
             metrics.track_token_expiry(route.name, manager.seconds_to_expiry)
         self.distinct_managers = list(shared.values())
+        self._watch: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for manager in self.distinct_managers:
             manager.start()
+        if any(cred.identity is not None for cred in self.prepared.credentials.values()):
+            self._watch = asyncio.get_running_loop().create_task(self._certificate_watch())
+
+    async def _certificate_watch(self, interval: float = CERTIFICATE_CHECK_INTERVAL) -> None:
+        """Repeat the "expires within 30 days" warning every day while running: daemons run for weeks."""
+        while True:
+            await asyncio.sleep(interval)
+            for cred in self.prepared.credentials.values():
+                warning = cred.identity.expiry_warning() if cred.identity is not None else None
+                if warning:
+                    log.warning("%s (%s)", warning, cred.credentials.source)
 
     async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
         for manager in self.distinct_managers:
             await manager.close()
         await self.upstream_session.close()
@@ -267,7 +283,7 @@ async def metrics_handler(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observe_middleware(config: Config) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def observe_middleware(config: Config) -> Middleware:
     """Request id, access log line and request metrics; the one place that times a request."""
 
     @web.middleware

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,6 +22,20 @@ from yarl import URL
 
 from proxy.config import Route
 from proxy.exchange import exchange_of
+from proxy.odata import (
+    CSRF_HEADER,
+    CsrfStore,
+    MultiRewriter,
+    client_manages_csrf,
+    csrf_fetch_url,
+    csrf_required,
+    fetch_csrf,
+    is_write,
+    link_rewrite_pairs,
+    merge_cookie_header,
+    reverse_rewrite,
+    should_rewrite,
+)
 from proxy.router import proxy_location
 from proxy.tokens import Token, TokenError, TokenManager
 
@@ -88,6 +103,29 @@ class BodyTooLarge(Exception):
 
 
 @dataclass
+class BodyTransform:
+    """Streamed response body edits: link rewriting, inside an inflate → rewrite → deflate sandwich for
+    gzip/deflate bodies, so that the client still receives the encoding it was promised."""
+
+    rewriter: MultiRewriter
+    decompress: zlib._Decompress | None = None  # for compressed bodies
+    compress: zlib._Compress | None = None  # of the same format
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.decompress is None or self.compress is None:
+            return self.rewriter.feed(chunk)
+        data = self.rewriter.feed(self.decompress.decompress(chunk))
+        # sync-flush per chunk: the client gets each piece without waiting for the compressor's window
+        return self.compress.compress(data) + self.compress.flush(zlib.Z_SYNC_FLUSH) if data else b""
+
+    def flush(self) -> bytes:
+        if self.decompress is None or self.compress is None:
+            return self.rewriter.flush()
+        data = self.rewriter.feed(self.decompress.flush()) + self.rewriter.flush()
+        return self.compress.compress(data) + self.compress.flush(zlib.Z_FINISH)
+
+
+@dataclass
 class RequestBody:
     """The client's body: buffered (and so replayable) when small, otherwise a one-shot stream."""
 
@@ -95,7 +133,8 @@ class RequestBody:
     stream: AsyncIterator[bytes] | None = None
     length: int | None = None  # Content-Length to send upstream when streaming a sized body
     received: int = 0
-    too_large: bool = field(default=False)
+    too_large: bool = False
+    consumed: bool = False  # a stream can be sent once only
 
     @property
     def replayable(self) -> bool:
@@ -164,14 +203,18 @@ class ForwardSettings:
     max_body: int | None
     proxy: str | None  # explicit outbound proxy URL
     drop_headers: frozenset[str] = frozenset()
+    csrf_timeout: float = 30.0
 
 
 class Forwarder:
-    """Sends one client request upstream with a token, retrying once after a 401 when the body allows it."""
+    """Sends one client request upstream with a token; replays it once after a 401 (fresh token) or a
+    ``X-CSRF-Token: Required`` 403 (fresh CSRF token) when the body allows it."""
 
     def __init__(self, session: aiohttp.ClientSession, settings: ForwardSettings) -> None:
         self._session = session
         self._settings = settings
+        self.csrf = CsrfStore()
+        self._pairs: dict[tuple[str, str], list[tuple[bytes, bytes]]] = {}
 
     async def forward(self, request: web.Request, route: Route, url: URL, manager: TokenManager) -> web.StreamResponse:
         settings = self._settings
@@ -190,9 +233,15 @@ class Forwarder:
             headers["X-Request-Id"] = record.request_id
         if body.length is not None and body.stream is not None:
             headers["Content-Length"] = str(body.length)
+        proxy_base = f"{request.scheme}://{request.host}"
+        if route.rewrite_links and body.data and should_rewrite(request.content_type, None):
+            body.data = reverse_rewrite(body.data, self._link_pairs(route, proxy_base))
+        csrf_key = route.name if route.csrf == "auto" and is_write(request.method) else None
+        if csrf_key is not None and client_manages_csrf(request.headers):
+            csrf_key = None  # the client does its own CSRF dance: leave it alone
+        client_cookie = headers.get("Cookie")
         try:
-            resp = await self._send(request.method, url, headers, token, body)
-            record.token_fp = token.fingerprint
+            resp = await self._send(request.method, url, headers, token, body, csrf_key, client_cookie)
             if resp.status == 401 and body.replayable and manager.invalidate(token):
                 resp.release()
                 record.replayed = "401"
@@ -201,23 +250,43 @@ class Forwarder:
                 except TokenError as exc:
                     record.error = exc.error
                     return json_error(exc.status, exc.as_json())
-                record.token_fp = token.fingerprint
-                resp = await self._send(request.method, url, headers, token, body)
+                resp = await self._send(request.method, url, headers, token, body, csrf_key, client_cookie)
+            if csrf_key is not None and body.replayable and csrf_required(resp.status, resp.headers):
+                resp.release()
+                await self._refresh_csrf(route, csrf_key, token)
+                record.replayed = "csrf"
+                resp = await self._send(request.method, url, headers, token, body, csrf_key, client_cookie)
         except BodyTooLarge:
             return self._too_large()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if body.too_large:
                 return self._too_large()
             return self._upstream_error(route, url, exc, request)
+        record.token_fp = token.fingerprint
         record.upstream_status = resp.status
         record.bytes_in = body.received
         async with resp:
-            return await self._stream_back(request, route, resp)
+            return await self._stream_back(request, route, resp, proxy_base)
 
     async def _send(
-        self, method: str, url: URL, headers: CIMultiDict[str], token: Token, body: RequestBody
+        self,
+        method: str,
+        url: URL,
+        headers: CIMultiDict[str],
+        token: Token,
+        body: RequestBody,
+        csrf_key: str | None,
+        client_cookie: str | None,
     ) -> aiohttp.ClientResponse:
         headers["Authorization"] = "Bearer " + token.value.reveal()
+        if csrf_key is not None:
+            session = self.csrf.session(csrf_key)
+            cached = session.headers_for(token.fingerprint)
+            if cached is not None:
+                headers[CSRF_HEADER] = cached[CSRF_HEADER]
+                cookie = merge_cookie_header(client_cookie, session.cookies)
+                if cookie:
+                    headers["Cookie"] = cookie
         return await self._session.request(
             method,
             url,
@@ -229,20 +298,62 @@ class Forwarder:
             compress=None,
         )
 
+    async def _refresh_csrf(self, route: Route, key: str, token: Token) -> None:
+        """Fetch a CSRF token + session cookies once for all writes that hit ``Required`` together."""
+        session = self.csrf.session(key)
+        stale = session.token
+        async with self.csrf.lock(key):
+            if session.token is not None and session.token != stale and session.bearer_fp == token.fingerprint:
+                return  # another request fetched a fresh one while we waited
+            self.csrf.record_fetch()
+            csrf_token, cookies = await fetch_csrf(
+                self._session,
+                csrf_fetch_url(route.upstream),
+                token.value.reveal(),
+                self._settings.csrf_timeout,
+                proxy=self._settings.proxy,
+            )
+            session.store(token.fingerprint, csrf_token, cookies)
+            log.info(
+                "route %s: fetched a CSRF token (%s) for writes",
+                route.name,
+                "ok" if session.token else "none returned",
+            )
+
+    def _link_pairs(self, route: Route, proxy_base: str) -> list[tuple[bytes, bytes]]:
+        key = (route.name, proxy_base)
+        pairs = self._pairs.get(key)
+        if pairs is None:
+            pairs = link_rewrite_pairs(route.upstream, proxy_base + route.prefix)
+            if len(self._pairs) < 256:  # bounded: proxy_base comes from the (allow-listed) Host header
+                self._pairs[key] = pairs
+        return pairs
+
     async def _stream_back(
-        self, request: web.Request, route: Route, resp: aiohttp.ClientResponse
+        self, request: web.Request, route: Route, resp: aiohttp.ClientResponse, proxy_base: str
     ) -> web.StreamResponse:
-        proxy_base = f"{request.scheme}://{request.host}"
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out.headers.extend(client_response_headers(resp.headers, route, proxy_base))
+        has_body = request.method != "HEAD" and resp.status not in (204, 304)
+        transform = self._body_transform(route, resp, proxy_base) if has_body else None
+        if transform is not None:
+            out.headers.popall("Content-Length", None)
         await out.prepare(request)
         sent = 0
-        if request.method != "HEAD" and resp.status not in (204, 304):
+        if has_body:
             try:
                 async for chunk in resp.content.iter_chunked(READ_CHUNK):
-                    await out.write(chunk)
-                    sent += len(chunk)
-            except (aiohttp.ClientError, TimeoutError) as exc:
+                    if transform is not None:
+                        chunk = transform.feed(chunk)
+                    if chunk:
+                        await out.write(chunk)
+                        sent += len(chunk)
+                if transform is not None:
+                    tail = transform.flush()
+                    if tail:
+                        await out.write(tail)
+                        sent += len(tail)
+            except (aiohttp.ClientError, TimeoutError, zlib.error) as exc:
                 # headers are gone already: the only honest signal left is to cut the connection
                 log.warning(
                     "route %s: upstream body broke off after %d bytes (%s); closing the client connection",
@@ -257,6 +368,20 @@ class Forwarder:
         exchange_of(request).bytes_out = sent
         await out.write_eof()
         return out
+
+    def _body_transform(self, route: Route, resp: aiohttp.ClientResponse, proxy_base: str) -> BodyTransform | None:
+        """Link rewriting for OData JSON/XML bodies; gzip/deflate ones are inflated and deflated again."""
+        if not route.rewrite_links or not should_rewrite(resp.headers.get("Content-Type"), None):
+            return None
+        encoding = resp.headers.get("Content-Encoding", "").strip().lower()
+        rewriter = MultiRewriter(self._link_pairs(route, proxy_base))
+        if encoding in ("", "identity"):
+            return BodyTransform(rewriter)
+        if encoding in ("gzip", "x-gzip"):
+            return BodyTransform(rewriter, zlib.decompressobj(wbits=31), zlib.compressobj(wbits=31))
+        if encoding == "deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)
+            return BodyTransform(rewriter, zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
+        return None  # br, zstd …: passed through untouched, links stay as they are
 
     def _too_large(self) -> web.Response:
         limit = self._settings.max_body
