@@ -26,7 +26,7 @@ from proxy.config import Config, ConfigError
 from proxy.credentials import Credentials
 from proxy.exchange import EXCHANGE, Exchange, exchange_of
 from proxy.forward import Forwarder, ForwardSettings, json_error
-from proxy.guard import GuardSettings, guard_middleware
+from proxy.guard import GuardSettings, install_guard
 from proxy.logs import ACCESS_LOGGER, access_log_line, log_event
 from proxy.metrics import ProxyMetrics
 from proxy.router import Router
@@ -362,7 +362,7 @@ def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Ap
         api_key_header=config.inbound_api_key_header,
     )
     app = web.Application(
-        middlewares=[observe_middleware(config), guard_middleware(guard)],
+        middlewares=[observe_middleware(config)],
         client_max_size=0,
         handler_args={
             "max_line_size": config.limits.max_header_size,
@@ -371,6 +371,7 @@ def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Ap
             "keepalive_timeout": 75.0,
         },
     )
+    install_guard(app, guard)  # runs inside observe: refusals are logged and counted too
     app[PREPARED_KEY] = prepared
     app[METRICS_KEY] = metrics or ProxyMetrics()
     app.cleanup_ctx.append(_runtime_ctx)

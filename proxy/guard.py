@@ -271,22 +271,14 @@ def _apply_cors(response: web.StreamResponse, origin: str) -> None:
     _merge_vary(response, "Origin")
 
 
-def _attach_cors_hook(request: web.Request, origin: str) -> None:
-    """Make a response the *handler* prepares itself (streaming) carry the CORS headers too.
+CORS_ORIGIN = web.RequestKey("guard_cors_origin", str)
 
-    aiohttp calls ``request._prepare_hook(response)`` right before it writes the status line and
-    headers; a middleware cannot register ``on_response_prepare`` signals (they are frozen by
-    then), so the hook of this one request object is wrapped instead.
-    """
-    original = getattr(request, "_prepare_hook", None)
-    if original is None:  # pragma: no cover - aiohttp internals changed; unprepared responses still work
-        return
 
-    async def hook(response: web.StreamResponse) -> None:
+async def cors_on_prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """``on_response_prepare`` signal: CORS headers also on responses the handler streams itself."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is not None:
         _apply_cors(response, origin)
-        await original(response)
-
-    object.__setattr__(request, "_prepare_hook", hook)
 
 
 def _requested_headers(value: str) -> str:
@@ -584,13 +576,13 @@ class _Guard:
         answer, cors_origin = self.check_cross_site(request)
         if answer is not None:
             return answer
+        if cors_origin is not None:
+            request[CORS_ORIGIN] = cors_origin  # read by cors_on_prepare; copied into a clone below
         refusal, forwarded = self.check_api_key(request)
         if refusal is not None:
             if cors_origin is not None:
                 _apply_cors(refusal, cors_origin)
             return refusal
-        if cors_origin is not None:
-            _attach_cors_hook(forwarded, cors_origin)
         try:
             response = await handler(forwarded)
         finally:
@@ -601,6 +593,12 @@ class _Guard:
         if cors_origin is not None and not response.prepared:
             _apply_cors(response, cors_origin)
         return response
+
+
+def install_guard(app: web.Application, settings: GuardSettings) -> None:
+    """Append the guard to the application's middlewares (after observing ones), and its CORS signal."""
+    app.middlewares.append(guard_middleware(settings))
+    app.on_response_prepare.append(cors_on_prepare)
 
 
 def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:

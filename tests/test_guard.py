@@ -24,6 +24,7 @@ from proxy.guard import (
     DEFAULT_API_KEY_HEADER,
     GuardSettings,
     guard_middleware,
+    install_guard,
     is_loopback,
     listen_address_problem,
 )
@@ -102,7 +103,8 @@ async def serve() -> AsyncIterator[Serve]:
                 return response
             return web.json_response({"forwarded": request.raw_path})
 
-        app = web.Application(middlewares=[guard_middleware(settings)])
+        app = web.Application()
+        install_guard(app, settings)
         app.router.add_route("*", "/{tail:.*}", handler)
         runner = web.AppRunner(app)
         await runner.setup()

@@ -1,0 +1,47 @@
+# odata-auth-proxy as a container, e.g. a sidecar next to an app that speaks plain HTTP only.
+#
+#   docker build -t odata-auth-proxy .
+#   docker run --rm -p 127.0.0.1:8080:8080 \
+#     -e ODATA_AUTH_PROXY_SERVICE_KEY_JSON="$(cat service-key.json)" \
+#     -e ODATA_AUTH_PROXY_INBOUND_API_KEY="$(openssl rand -hex 32)" \
+#     odata-auth-proxy
+#
+# Listening on 0.0.0.0 (needed in a container) exposes the service key's rights to whoever reaches the
+# port, so the proxy REFUSES TO START on 0.0.0.0 unless one of these is set:
+#   ODATA_AUTH_PROXY_INBOUND_API_KEY=<secret>   every caller must send it (X-Proxy-Api-Key header);
+#                                                /-/healthz and /-/readyz stay open for health checks
+#   ODATA_AUTH_PROXY_ALLOW_REMOTE=true          no key: only where nothing but your app can reach the port
+# Callers that use a service name (http://odata-proxy:8080) also need ODATA_AUTH_PROXY_ALLOWED_HOSTS=odata-proxy.
+
+# ---- build stage: the project and its dependencies as wheels --------------------------------------------------
+FROM python:3.12-slim AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --wheel-dir /wheels '.[fast]'
+
+# ---- final stage: the wheels installed, no sources, no build tools ----------------------------------------------
+FROM python:3.12-slim
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir --no-index --find-links /wheels 'odata-auth-proxy[fast]' \
+ && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin proxy
+
+# 0.0.0.0 requires ODATA_AUTH_PROXY_INBOUND_API_KEY or ODATA_AUTH_PROXY_ALLOW_REMOTE=true (see above)
+ENV ODATA_AUTH_PROXY_LISTEN=0.0.0.0:8080 \
+    ODATA_AUTH_PROXY_LOG_FORMAT=json \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080
+
+# No curl in -slim: Python's urllib. The port follows ODATA_AUTH_PROXY_LISTEN; ProxyHandler({}) so that an
+# HTTP_PROXY meant for the upstream never catches the health check of 127.0.0.1.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('ODATA_AUTH_PROXY_LISTEN', ':8080').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/-/healthz', timeout=4)"]
+
+# exec form: the proxy is PID 1 and gets SIGTERM itself (drains for up to ODATA_AUTH_PROXY_SHUTDOWN_TIMEOUT, 30 s;
+# give `docker stop -t 35` / terminationGracePeriodSeconds: 35). SIGHUP reloads a mounted config and key files.
+ENTRYPOINT ["odata-auth-proxy", "run"]
