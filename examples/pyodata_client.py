@@ -33,6 +33,7 @@ def service_url(argv: list[str]) -> str:
 def main(argv: list[str]) -> int:
     url = service_url(argv)
     session = requests.Session()  # no auth at all: the proxy adds the bearer token
+    session.trust_env = False  # the proxy is local: no HTTP(S)_PROXY detour, no ~/.netrc credentials
     client = pyodata.Client(url, session)  # reads $metadata through the proxy
     packages = client.entity_sets.IntegrationPackages
     print(f"service: {url} entity sets: {', '.join(sorted(es.name for es in client.schema.entity_sets))}")
@@ -69,7 +70,9 @@ def main(argv: list[str]) -> int:
     assert followed == seen, "server-side paging and $top/$skip paging disagree"
     print(f"all packages: {len(followed)} in {pages} server page(s)")
 
-    # 4. create, update, read back, delete: the proxy fetches and attaches the CSRF token
+    # 4. create, update, read back, delete: the proxy fetches and attaches the CSRF token.
+    #    Keys go positionally: get_entity(pid) -> IntegrationPackages('pid'), the form the demo API understands
+    #    (get_entity(Id=pid) would send the named form IntegrationPackages(Id='pid')).
     pid = f"PyODataDemo{int(time.time() * 1000)}"
     created = packages.create_entity().set(Id=pid, Name="Created by pyodata", Vendor="Demo Corp").execute()
     print(f"created: {created.Id} ({created.Name})")

@@ -189,8 +189,14 @@ def _wants_json(request: web.Request) -> bool:
     return "application/json" in request.headers.get("Accept", "")
 
 
+def _entity_key(request: web.Request) -> str:
+    """``'X'`` or ``Id='X'`` from the URL, unquoted (OData doubles a quote inside a key)."""
+    ref = request.match_info["key"].removeprefix("Id=")
+    return ref[1:-1].replace("''", "'")
+
+
 def _get_package(request: web.Request) -> Package:
-    key = request.match_info["key"].replace("''", "'")
+    key = _entity_key(request)
     if (package := request.app[PACKAGES].get(key)) is None:
         raise ODataError(404, "Not Found", f"Integration package {key!r} does not exist.")
     return package
@@ -478,7 +484,7 @@ def build_odata_app(store: TokenStore, *, page_size: int = 5) -> web.Application
     r.add_get("/api/v1/IntegrationPackages", _list)
     r.add_post("/api/v1/IntegrationPackages", _create)
     r.add_get("/api/v1/IntegrationPackages/$count", _count)
-    entity = "/api/v1/IntegrationPackages('{key}')"
+    entity = "/api/v1/IntegrationPackages({key:(?:Id=)?'.*'})"  # ('X') and the named form (Id='X')
     r.add_get(entity, _get_entity)
     for method in ("POST", "PUT", "PATCH", "MERGE", "DELETE"):
         r.add_route(method, entity, _write_entity)

@@ -98,6 +98,21 @@ def client_response_headers(headers: CIMultiDictProxy[str], route: Route, proxy_
     return out
 
 
+_REWRITABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def narrow_accept_encoding(headers: CIMultiDict[str]) -> None:
+    """Ask only for encodings the link rewriter can open (Postman sends ``br``): links must stay on the proxy."""
+    value = headers.get("Accept-Encoding")
+    if value is None:
+        return
+    kept = [item.strip() for item in value.split(",") if item.split(";")[0].strip().lower() in _REWRITABLE_ENCODINGS]
+    if kept:
+        headers["Accept-Encoding"] = ", ".join(kept)
+    else:
+        headers.popall("Accept-Encoding")
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -234,6 +249,8 @@ class Forwarder:
         if body.length is not None and body.stream is not None:
             headers["Content-Length"] = str(body.length)
         proxy_base = f"{request.scheme}://{request.host}"
+        if route.rewrite_links:
+            narrow_accept_encoding(headers)
         if route.rewrite_links and body.data and should_rewrite(request.content_type, None):
             body.data = reverse_rewrite(body.data, self._link_pairs(route, proxy_base))
         csrf_key = route.name if route.csrf == "auto" and is_write(request.method) else None

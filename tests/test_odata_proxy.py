@@ -198,3 +198,17 @@ async def test_request_body_links_are_rewritten_back(
             assert resp.status == 204
     sent = json.loads(split_upstream.received[-1])
     assert sent["__metadata"]["uri"] == split_upstream.url + "/api/v1/IntegrationPackages('A')"
+
+
+async def test_accept_encoding_is_narrowed_to_what_the_rewriter_can_open(tmp_path: Path, backend: Backend) -> None:
+    async with running_proxy(make_config(tmp_path, backend)) as proxy, aiohttp.ClientSession() as client:
+        headers = {"Accept-Encoding": "gzip, deflate, br, zstd;q=0.5"}  # what Postman sends, and more
+        async with client.get(proxy.url + "/api/v1/echo", headers=headers) as resp:
+            seen = dict((await resp.json())["headers"])
+        assert seen["Accept-Encoding"] == "gzip, deflate"
+        async with client.get(proxy.url + "/api/v1/echo", headers={"Accept-Encoding": "br"}) as resp:
+            assert "Accept-Encoding" not in dict((await resp.json())["headers"])
+    route = secret_route(backend, rewrite_links=False)
+    async with running_proxy(make_config(tmp_path, backend, [route])) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/api/v1/echo", headers={"Accept-Encoding": "br"}) as resp:
+            assert dict((await resp.json())["headers"])["Accept-Encoding"] == "br"  # untouched without rewriting
