@@ -25,7 +25,7 @@ from proxy.certificates import CertificateError, ClientIdentity, key_file_permis
 from proxy.config import Config, ConfigError
 from proxy.credentials import Credentials
 from proxy.exchange import EXCHANGE, Exchange, exchange_of
-from proxy.forward import Forwarder, ForwardSettings, json_error
+from proxy.forward import CLIENT_DISCONNECTED, Forwarder, ForwardSettings, json_error
 from proxy.guard import GuardSettings, install_guard
 from proxy.logs import ACCESS_LOGGER, access_log_line, log_event
 from proxy.metrics import ProxyMetrics
@@ -248,7 +248,7 @@ async def forward_handler(request: web.Request) -> web.StreamResponse:
     finally:
         if record.replayed:
             state.metrics.upstream_replay(route.name, record.replayed)
-        if record.error:
+        if record.error and record.error != CLIENT_DISCONNECTED:
             state.metrics.upstream_errors(route.name, record.error)
 
 
@@ -296,7 +296,7 @@ def observe_middleware(config: Config) -> Middleware:
         status = 500
         try:
             response = await handler(request)
-            status = response.status
+            status = 499 if record.error == CLIENT_DISCONNECTED else response.status
             return response
         except web.HTTPException as exc:
             status = exc.status

@@ -63,7 +63,16 @@ def log_banner(
         admin=admin,
     )
     example = _example_path(config.routes[0].prefix, config.routes[0].upstream)
-    log_event(log, logging.INFO, f"try: curl '{base}{example}'", event="example", example=f"{base}{example}")
+    # with an inbound API key the bare curl line would only earn a 401: name the header (never the key)
+    key_header = f"-H '{config.inbound_api_key_header}: <inbound API key>' " if config.inbound_api_key else ""
+    log_event(
+        log,
+        logging.INFO,
+        f"try: curl {key_header}'{base}{example}'",
+        event="example",
+        example=f"{base}{example}",
+        **({"api_key_header": config.inbound_api_key_header} if config.inbound_api_key else {}),
+    )
     if config.allow_remote and config.inbound_api_key is None:
         log_event(
             log,

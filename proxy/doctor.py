@@ -25,18 +25,28 @@ configuration itself is broken: ``load_config`` errors propagate at once, and a 
 used (mismatched key, expired, unreadable) is shown in the checklist and then raised as ``ConfigError``
 after all routes were checked, as ``run`` and ``config validate`` would refuse it too.
 
-Output (``--no-color``, or stdout not a TTY), from ``tests/test_doctor.py``::
+Real output (``--no-color``, or stdout not a TTY) from ``tests/test_doctor.py``; the tls line is wrapped here::
 
     route api  (routes[0].credentials, client id sb-0a1b2c3d!b12345|it!b67890, client secret)
-      [ok]   config      token https://127.0.0.1:40143/oauth/token, upstream https://127.0.0.1:45193/
+      [ok]   config      token https://127.0.0.1:39219/oauth/token, upstream https://127.0.0.1:36041/
       [ok]   dns         127.0.0.1 -> 127.0.0.1
-      [ok]   tls         TLSv1.3 with 127.0.0.1:40143, server certificate O=trustme v1.2.1,OU=Testing cert #Vtfj…,
-                         issued by O=trustme v1.2.1,OU=Testing CA #zSQd…
-      [ok]   token       fp 5d8e0f31, expires in 3600 s, scopes: WorkspacePackagesRead
-      [ok]   upstream    GET https://127.0.0.1:45193/api/v1/ -> 200 in 4 ms
+      [ok]   tls         TLSv1.3 with 127.0.0.1:39219, server certificate OU=Testing cert #Sk1y6O0KDDUtZ3Uq,O=trustme
+                         v1.2.1, issued by OU=Testing CA #ymi-LAAWT5M0hiFg,O=trustme v1.2.1
+      [ok]   token       fp 3752988a, expires in 3600 s, scopes: WorkspacePackagesRead
+      [ok]   upstream    GET https://127.0.0.1:36041/api/v1/ -> 200 in 3 ms
     all checks passed
 
-With a colour terminal the marks are ✓ ✗ ! – and arrows →.
+and a failure (exit code 1)::
+
+    route api  (routes[0].credentials, client id sb-0a1b2c3d!b12345|it!b67890, client secret)
+      [ok]   config      token https://127.0.0.1:41507/oauth/token, upstream https://127.0.0.1:39455/
+      [ok]   dns         127.0.0.1 -> 127.0.0.1
+      [FAIL] tls         cannot connect to 127.0.0.1:41507: connection refused (nothing listens on that port)
+      [skip] token       skipped (no connection to the token server)
+      [skip] upstream    skipped (no connection to the token server)
+    1 check failed: api tls
+
+On a colour terminal the marks are ✓ ✗ ! – and the arrows →; server certificates show their CN when they have one.
 """
 
 from __future__ import annotations
@@ -298,11 +308,8 @@ def _config_step(checklist: _Checklist, route: Route) -> None:
     checklist.hide(creds.client_secret.reveal() if creds.client_secret else None)
     checklist.step("ok", "config", f"token {creds.token_url}, upstream {route.upstream}")
     token_host, _ = _endpoint(creds.token_url)
-    if (
-        creds.kind == "certificate"
-        and ".authentication." in f".{token_host}"
-        and "authentication.cert." not in (token_host)
-    ):
+    sap_host = f".{token_host}"
+    if creds.kind == "certificate" and ".authentication." in sap_host and ".authentication.cert." not in sap_host:
         checklist.step(
             "warn",
             "config",
@@ -375,17 +382,21 @@ async def _dns_step(checklist: _Checklist, config: Config, route: Route, proxy: 
 async def _open_tcp(
     addresses: Sequence[str], port: int, timeout: float
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    errors: list[tuple[str, BaseException]] = []
+    """Connect to the first address that answers; ``timeout`` bounds all attempts together."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    address, error = addresses[0], None
     for address in addresses[:4]:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(address, port)
-        except (OSError, TimeoutError) as exc:
-            errors.append((address, exc))
+        except TimeoutError:
+            raise _StepFailed(f"cannot connect to {_hostport(address, port)}: no answer within {timeout:g} s") from None
+        except OSError as exc:
+            error = exc
             continue
         return reader, writer, address
-    address, error = errors[-1]
-    reason = f"no answer within {timeout:g} s" if isinstance(error, TimeoutError) else _os_reason(error)
+    reason = _os_reason(error) if error is not None else "no address"
     raise _StepFailed(f"cannot connect to {_hostport(address, port)}: {reason}")
 
 
@@ -516,7 +527,7 @@ async def _client_certificate_refused(
     )
     try:
         writer.write(request.encode())
-        async with asyncio.timeout(_HEAD_WAIT):
+        async with asyncio.timeout(min(_HEAD_WAIT, timeout)):
             line = await reader.readline()
     except TimeoutError:
         return None  # no verdict: the token step will tell
@@ -670,6 +681,10 @@ async def _upstream_step(
         more.append(f"body: {snippet}")
     if status in (401, 403):
         more.append(ROLES_HINT)
+    if status == 401:
+        more.append(
+            "hint: or the API does not accept this token at all: does the upstream belong to this key's tenant?"
+        )
     elif status == 404:
         more.append("hint: nothing at this path: check the route's upstream URL, or give --probe PATH")
     checklist.step("fail", "upstream", line, more)

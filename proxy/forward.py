@@ -117,6 +117,20 @@ class BodyTooLarge(Exception):
     pass
 
 
+class ClientGone(Exception):
+    """Writing to the client failed: it closed the connection (not an upstream failure)."""
+
+
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
+async def _write_to_client(out: web.StreamResponse, chunk: bytes) -> None:
+    try:
+        await out.write(chunk)
+    except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+        raise ClientGone from None
+
+
 @dataclass
 class BodyTransform:
     """Streamed response body edits: link rewriting, inside an inflate → rewrite → deflate sandwich for
@@ -150,12 +164,11 @@ class RequestBody:
     received: int = 0
     too_large: bool = False
     consumed: bool = False  # a stream can be sent once only
+    client_gone: bool = False  # the client vanished mid-upload
 
     @property
     def replayable(self) -> bool:
         return self.stream is None and not self.consumed
-
-    consumed: bool = False  # a stream can be sent once only
 
     def payload(self) -> bytes | AsyncIterator[bytes] | None:
         if self.stream is not None:
@@ -199,7 +212,11 @@ async def read_request_body(request: web.Request, replay_limit: int, max_body: i
             yield chunk
         buffered.clear()
         while True:
-            chunk = await content.readany()
+            try:
+                chunk = await content.readany()
+            except ConnectionError:
+                body.client_gone = True
+                raise
             if not chunk:
                 return
             body.received += len(chunk)
@@ -278,6 +295,8 @@ class Forwarder:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             if body.too_large:
                 return self._too_large()
+            if body.client_gone:
+                return self._client_gone(request, route, body.received, "upload")
             return self._upstream_error(route, url, exc, request)
         record.token_fp = token.fingerprint
         record.upstream_status = resp.status
@@ -363,13 +382,17 @@ class Forwarder:
                     if transform is not None:
                         chunk = transform.feed(chunk)
                     if chunk:
-                        await out.write(chunk)
+                        await _write_to_client(out, chunk)
                         sent += len(chunk)
                 if transform is not None:
                     tail = transform.flush()
                     if tail:
-                        await out.write(tail)
+                        await _write_to_client(out, tail)
                         sent += len(tail)
+            except ClientGone:
+                exchange_of(request).bytes_out = sent
+                self._client_gone(request, route, sent, "download")
+                return out
             except (aiohttp.ClientError, TimeoutError, zlib.error) as exc:
                 # headers are gone already: the only honest signal left is to cut the connection
                 log.warning(
@@ -399,6 +422,12 @@ class Forwarder:
         if encoding == "deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)
             return BodyTransform(rewriter, zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
         return None  # br, zstd …: passed through untouched, links stay as they are
+
+    def _client_gone(self, request: web.Request, route: Route, size: int, what: str) -> web.Response:
+        """The client went away: not the upstream's fault, so no upstream error and an access-log 499."""
+        exchange_of(request).error = CLIENT_DISCONNECTED
+        log.info("route %s: client disconnected during the %s after %d bytes", route.name, what, size)
+        return web.Response(status=499, text="client closed request")
 
     def _too_large(self) -> web.Response:
         limit = self._settings.max_body

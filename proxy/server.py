@@ -17,7 +17,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from proxy.app import METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app
-from proxy.config import ConfigError
+from proxy.config import Config, ConfigError
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -53,6 +53,10 @@ class ProxyServer:
         self.admin_addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
         self._signals = 0
+        self._reloading: set[asyncio.Task[bool]] = set()
+        # runtimes replaced by a reload: closed by ProxyState after the grace period, or by stop() when the
+        # process stops first (the app's cleanup only closes the current runtime)
+        self._replaced: list[Runtime] = []
 
     async def start(self) -> None:
         config = self.prepared.config
@@ -106,26 +110,49 @@ class ProxyServer:
         self._stop.set()
 
     def _on_reload_signal(self) -> None:
-        asyncio.get_running_loop().create_task(self.reload())
+        # keep a reference: the loop holds tasks only weakly
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._reloading.add(task)
+        task.add_done_callback(self._reloading.discard)
 
     async def reload(self) -> bool:
         """Re-read config and keys; keep the old ones (and say why) when the new ones are invalid."""
         if self._reload is None:
             log.warning("SIGHUP: nothing to reload from")
             return False
+        if self._stop.is_set():
+            log.warning("SIGHUP while draining: not reloading")
+            return False
         try:
             prepared = self._reload()
+            runtime = Runtime(prepared, self.app[METRICS_KEY])
         except ConfigError as exc:
             log.error("reload failed, still serving with the previous configuration: %s", exc)
+            return False
+        except Exception as exc:  # a bug must neither end the reload task silently nor stop the proxy
+            # the class only, as everywhere: a message could quote a secret it choked on
+            log.error(
+                "reload failed (internal error: %s), still serving with the previous configuration",
+                exc.__class__.__name__,
+            )
             return False
         old = self.prepared.config
         new = prepared.config
         if (new.listen_host, new.listen_port, new.admin_listen) != (old.listen_host, old.listen_port, old.admin_listen):
             log.warning("reload: listen addresses cannot change while running; restart to apply them")
+        kept = restart_only_changes(old, new)
+        if kept:
+            log.warning(
+                "reload: %s changed, but only take(s) effect after a restart; the running proxy keeps the "
+                "previous value(s)",
+                ", ".join(kept),
+            )
         for warning in prepared.warnings:
             log.warning(warning)
         state = self.app[STATE_KEY]
-        state.swap(Runtime(prepared, self.app[METRICS_KEY]), grace=old.shutdown_timeout)
+        self._replaced = [r for r in self._replaced if not r.upstream_session.closed]
+        self._replaced.append(state.runtime)
+        state.swap(runtime, grace=old.shutdown_timeout)
         self.prepared = prepared
         log.info("reloaded configuration: %d route(s)", len(new.routes))
         return True
@@ -140,6 +167,29 @@ class ProxyServer:
         await self._runner.cleanup()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+        replaced, self._replaced = self._replaced, []
+        for runtime in replaced:
+            await runtime.close()
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Settings that changed but are fixed for the life of the server: the guard, the access log, the HTTP
+    parser limits and the drain timeout are built once in ``start``; a reload swaps routes, credentials,
+    TLS, timeouts and the outbound proxy only. (The listen addresses are reported separately.)"""
+    fixed: dict[str, Callable[[Config], object]] = {
+        "allowed_hosts": lambda c: c.allowed_hosts,
+        "allowed_origins": lambda c: c.allowed_origins,
+        "inbound_api_key": lambda c: c.inbound_api_key,
+        "inbound_api_key_header": lambda c: c.inbound_api_key_header.lower(),
+        "access_log": lambda c: c.access_log,
+        "log_query": lambda c: c.log_query,
+        "log_format": lambda c: c.log_format,
+        "verbose": lambda c: c.verbose,
+        "shutdown_timeout": lambda c: c.shutdown_timeout,
+        "limits.max_header_size": lambda c: c.limits.max_header_size,
+        "limits.max_headers": lambda c: c.limits.max_headers,
+    }
+    return [name for name, value in fixed.items() if value(old) != value(new)]
 
 
 def _bound(runner: web.AppRunner) -> list[tuple[str, int]]:

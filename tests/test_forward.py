@@ -14,17 +14,18 @@ import re
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import Backend, RunningProxy, make_config, running_proxy, secret_route, write_yaml
+from tests.conftest import Backend, RunningProxy, make_config, running_proxy, secret_route, serve, write_yaml
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -39,7 +40,9 @@ class RawResponse:
     body: bytes
 
 
-def raw_request(method: str, target: str, port: int, headers: list[tuple[str, str]] = (), body: bytes = b"") -> bytes:  # type: ignore[assignment]
+def raw_request(
+    method: str, target: str, port: int, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
     lines += [f"{name}: {value}" for name, value in headers]
     names = {name.lower() for name, _ in headers}
@@ -148,7 +151,9 @@ ODD_TARGET = (
 
 @pytest.mark.parametrize("target", [ODATA_TARGET, ODD_TARGET], ids=["odata", "odd-characters"])
 async def test_raw_target_reaches_upstream_byte_for_byte(proxy: RunningProxy, backend: Backend, target: str) -> None:
-    resp = await raw_exchange(proxy_port(proxy), raw_request("GET", target, proxy_port(proxy), [("Connection", "close")]))
+    resp = await raw_exchange(
+        proxy_port(proxy), raw_request("GET", target, proxy_port(proxy), [("Connection", "close")])
+    )
     assert resp.status == 200, resp.body
     assert json.loads(resp.body)["raw_path"] == target
     assert backend.upstream.requests[-1]["raw_path"] == target
@@ -251,6 +256,8 @@ async def test_request_hop_by_hop_headers_are_removed_end_to_end_kept(proxy: Run
         ("Cookie", "a=1; SAP_SESSIONID=xyz"),
         ("Authorization", "Bearer client-token"),
         ("X-Request-Id", "req-123.abc"),
+        ("X-Multi", "first"),
+        ("X-Multi", "second"),
     ]
     resp = await raw_exchange(port, raw_request("GET", "/api/v1/echo/headers", port, sent))
     assert resp.status == 200, resp.body
@@ -267,6 +274,7 @@ async def test_request_hop_by_hop_headers_are_removed_end_to_end_kept(proxy: Run
     assert header_values(seen, "User-Agent") == ["odata-test/1.0 (raw)"]
     assert header_values(seen, "Cookie") == ["a=1; SAP_SESSIONID=xyz"]
     assert header_values(seen, "X-Request-Id") == ["req-123.abc"]
+    assert header_values(seen, "X-Multi") == ["first", "second"]
     (authorization,) = header_values(seen, "Authorization")
     assert authorization != "Bearer client-token"
     assert authorization.startswith("Bearer ")
@@ -386,15 +394,155 @@ async def test_two_routes_share_one_token_and_map_paths(
         async with client.get(proxy.url + "/b/api/v1/echo/b?y=2") as resp:
             assert resp.status == 200
             assert (await resp.json())["raw_path"] == "/api/v1/echo/b?y=2"
-        async with client.get(proxy.url + "/unknown") as resp:
-            assert resp.status == 404
-            body = await resp.json()
-        assert body["error"] == "no_route"
-        assert body["prefixes"] == ["/a/", "/b/"]
-        assert "/a/" in body["detail"] and "/b/" in body["detail"]
+        async with client.get(proxy.url + "/a/echo/Items('x%2Fy')?$filter=A%20eq%20'b'") as resp:
+            assert (await resp.json())["raw_path"] == "/api/v1/echo/Items('x%2Fy')?$filter=A%20eq%20'b'"
+        async with client.get(proxy.url + "/a") as resp:  # the bare prefix maps to the upstream base path
+            assert resp.status == 200
+            assert (await resp.json())["raw_path"] == "/api/v1/"
+        async with client.get(proxy.url + "/a/redirect", allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == f"{proxy.url}/a/target?x=1"
+            assert resp.headers["Content-Location"] == f"{proxy.url}/a/here"
+        for path in ("/unknown", "/ab/echo", "/", "/api/v1/echo"):
+            async with client.get(proxy.url + path) as resp:
+                assert resp.status == 404, path
+                body = await resp.json()
+            assert body["error"] == "no_route"
+            assert body["prefixes"] == ["/a/", "/b/"]
+            assert "/a/" in body["detail"] and "/b/" in body["detail"]
         await wait_ready(client, proxy.url)
     assert backend.tokens.requests == 1
-    assert [r["raw_path"] for r in backend.upstream.requests] == ["/api/v1/echo?x=1", "/api/v1/echo/b?y=2"]
+    assert [r["raw_path"] for r in backend.upstream.requests] == [
+        "/api/v1/echo?x=1",
+        "/api/v1/echo/b?y=2",
+        "/api/v1/echo/Items('x%2Fy')?$filter=A%20eq%20'b'",
+        "/api/v1/",
+        "/api/v1/redirect",
+    ]
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+async def test_sized_body_beyond_replay_buffer_keeps_its_content_length(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    payload = os.urandom(3 * 1024 * 1024 + 17)  # past the 1 MiB replay buffer: streamed, not buffered
+    async with client.put(proxy.url + "/api/v1/echo/sized", data=payload) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body["body_length"] == len(payload)
+    assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert body["chunked"] is False
+    assert header_values(body["headers"], "Content-Length") == [str(len(payload))]
+
+
+async def test_expect_100_continue(proxy: RunningProxy, backend: Backend) -> None:
+    port = proxy_port(proxy)
+    payload = b"0123456789" * 100
+    async with raw_connection(port) as (reader, writer):
+        head = raw_request(
+            "POST",
+            "/api/v1/echo/expect",
+            port,
+            [("Content-Length", str(len(payload))), ("Expect", "100-continue"), ("Connection", "close")],
+        )
+        writer.write(head)
+        await writer.drain()
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim.startswith(b"HTTP/1.1 100"), interim
+        writer.write(payload)
+        await writer.drain()
+        resp = await asyncio.wait_for(read_response(reader), 10)
+    assert resp.status == 200
+    body = json.loads(resp.body)
+    assert body["body_length"] == len(payload)
+    assert header_values(body["headers"], "Expect") == []
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+async def test_upload_cut_short_by_the_client_never_reaches_upstream_complete(
+    tmp_path: Path, backend: Backend, framing: str
+) -> None:
+    """A client that dies mid-upload must not make the upstream see a shorter body as a complete one."""
+    outcomes: list[tuple[str, int]] = []
+    started = asyncio.Event()
+
+    async def sink(request: web.Request) -> web.Response:
+        started.set()
+        size = 0
+        try:
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+        except Exception:
+            outcomes.append(("broken", size))
+            raise
+        outcomes.append(("complete", size))
+        return web.Response(text="stored")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", sink)
+    runner, sink_url = await serve(app, backend.tls.server_ctx)
+    try:
+        config = make_config(tmp_path, backend, [secret_route(backend, upstream=sink_url)])
+        async with running_proxy(config) as proxy:
+            port = proxy_port(proxy)
+            async with raw_connection(port) as (_, writer):
+                if framing == "chunked":
+                    writer.write(raw_request("POST", "/upload", port, [("Transfer-Encoding", "chunked")]))
+                    for _ in range(40):  # 2.5 MiB of chunks, past the replay buffer, then no last chunk
+                        writer.write(b"10000\r\n" + b"a" * 65536 + b"\r\n")
+                else:
+                    writer.write(raw_request("POST", "/upload", port, [("Content-Length", str(8 << 20))]))
+                    writer.write(b"a" * (3 << 20))
+                await writer.drain()
+                await asyncio.wait_for(started.wait(), 10)  # the body is streaming upstream now
+                await asyncio.sleep(0.2)
+                writer.transport.abort()
+            end = time.monotonic() + 10
+            while not outcomes and time.monotonic() < end:
+                await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+    assert outcomes, "the upload never reached the upstream"
+    assert all(state == "broken" for state, _ in outcomes), outcomes
+
+
+async def test_proxy_survives_a_client_abandoning_a_download(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    port = proxy_port(proxy)
+    async with raw_connection(port) as (reader, writer):
+        writer.write(raw_request("GET", f"/api/v1/stream?bytes={256 << 20}", port))
+        await writer.drain()
+        received = 0
+        while received < 2 << 20:
+            received += len(await reader.read(65536))
+        writer.transport.abort()
+    for _ in range(3):
+        async with client.get(proxy.url + "/api/v1/echo/after-abort") as resp:
+            assert resp.status == 200
+            await resp.read()
+    async with client.get(proxy.url + "/-/metrics") as resp:
+        text = await resp.text()
+    assert metric_total(text, "odata_auth_proxy_requests_in_flight") == 0
+
+
+async def test_client_abandoning_a_download_is_not_blamed_on_the_upstream(
+    proxy: RunningProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="odata_auth_proxy")
+    port = proxy_port(proxy)
+    async with raw_connection(port) as (reader, writer):
+        writer.write(raw_request("GET", f"/api/v1/stream?bytes={256 << 20}", port))
+        await writer.drain()
+        received = 0
+        while received < 2 << 20:
+            received += len(await reader.read(65536))
+        writer.transport.abort()
+    await asyncio.sleep(0.5)
+    blamed = [r.getMessage() for r in caplog.records if "upstream" in r.getMessage() and r.levelno >= logging.WARNING]
+    assert blamed == []
 
 
 # --------------------------------------------------------------------------- upstream failures
@@ -518,9 +666,10 @@ async def test_admin_endpoints_are_answered_locally(
             assert resp.status == 200
     async with client.get(proxy.url + "/-/metrics") as resp:
         after = await resp.text()
-    assert metric_total(after, "odata_auth_proxy_requests_total") == metric_total(
-        before, "odata_auth_proxy_requests_total"
-    ) + 3
+    assert (
+        metric_total(after, "odata_auth_proxy_requests_total")
+        == metric_total(before, "odata_auth_proxy_requests_total") + 3
+    )
     for path in ("/-/anything-else", "/-/", "/-/healthz/x"):
         async with client.get(proxy.url + path) as resp:
             assert resp.status == 404, path
