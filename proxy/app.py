@@ -144,6 +144,7 @@ class Runtime:
                     self.token_session,
                     cred.ssl_context,
                     timeout=timeouts.token,
+                    connect_timeout=timeouts.connect,
                     proxy=config.outbound_proxy,
                 )
                 route_name = route.name
@@ -286,6 +287,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def observe_middleware(config: Config) -> Middleware:
     """Request id, access log line and request metrics; the one place that times a request."""
 
+    api_key = config.inbound_api_key.reveal() if config.inbound_api_key else None
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -317,6 +320,8 @@ def observe_middleware(config: Config) -> Middleware:
                 )
             if config.access_log:
                 target = request.raw_path if config.log_query else request.raw_path.partition("?")[0]
+                if api_key and api_key in target:
+                    target = target.replace(api_key, "[redacted]")  # a client put the key in the URL
                 message, fields = access_log_line(
                     client=request.remote,
                     method=request.method,

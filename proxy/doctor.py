@@ -779,7 +779,7 @@ async def run_checks(
         count = len(checklist.failed)
         checklist.write(f"{count} check{'s' if count != 1 else ''} failed: {', '.join(checklist.failed)}{warned}")
     elif offline:
-        checklist.write(f"all offline checks passed{warned} (network not checked: --offline)")
+        checklist.write(f"all offline checks passed{warned}")
     else:
         checklist.write(f"all checks passed{warned}")
     if checklist.config_errors:

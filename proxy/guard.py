@@ -461,11 +461,26 @@ class _Guard:
 
     # ---- 3. cross-site / CORS -----------------------------------------------------------------
 
-    def origin_allowed(self, origin: str) -> bool:
+    def origin_allowed(self, origin: str, request: web.Request) -> bool:
+        """Same origin (a page served through this proxy: an allowed host on the port the request came to),
+        or listed in allowed_origins.
+
+        A loopback page on another port (another local web app) is another origin to the browser and must
+        not borrow the proxy's credentials; ``localhost`` and ``127.0.0.1`` on the proxy's own port are
+        treated alike.
+        """
         if _normalise_origin(origin) in self.cors_origins:
             return True
         parsed = _parse_origin(origin)
-        return parsed is not None and parsed[0] in ("http", "https") and self.host_allowed(*parsed[1:])
+        target = _split_host_port(request.headers.get(hdrs.HOST, ""))
+        if parsed is None or target is None or parsed[0] != request.scheme:
+            return False
+        if (parsed[2] or "80") != (target[1] or "80"):
+            return False
+        if parsed[1] == target[0]:
+            return True
+        # localhost and 127.0.0.1 name the same listener on this port; other 127.x addresses may not
+        return {parsed[1], target[0]} <= {"localhost", "127.0.0.1"}
 
     def check_cross_site(self, request: web.Request) -> tuple[web.Response | None, str | None]:
         """(refusal or preflight answer, or None; the origin to add CORS headers for, or None)."""
@@ -486,7 +501,7 @@ class _Guard:
                 ),
                 None,
             )
-        if origins and (origin is None or not self.origin_allowed(origin)):
+        if origins and (origin is None or not self.origin_allowed(origin, request)):
             return (
                 self.refuse(
                     request,

@@ -31,7 +31,12 @@ async def fetch_token(config: Config, route: Route) -> TokenResponse:
     cred = prepared.credentials[route.credentials]
     async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=True) as session:
         source = ClientCredentialsSource(
-            route.credentials, session, cred.ssl_context, timeout=config.timeouts.token, proxy=config.outbound_proxy
+            route.credentials,
+            session,
+            cred.ssl_context,
+            timeout=config.timeouts.token,
+            connect_timeout=config.timeouts.connect,
+            proxy=config.outbound_proxy,
         )
         return await source.fetch()
 

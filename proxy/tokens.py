@@ -149,12 +149,13 @@ class ClientCredentialsSource:
         ssl_context: ssl.SSLContext,
         *,
         timeout: float = 15.0,
+        connect_timeout: float = 10.0,
         proxy: str | None = None,
     ) -> None:
         self.credentials = credentials
         self._session = session
         self._ssl = ssl_context
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 10.0))
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=min(timeout, connect_timeout))
         self._proxy = proxy
 
     @property
@@ -219,12 +220,33 @@ class ClientCredentialsSource:
                 detail=_tls_detail(exc, self.credentials.certificate is not None),
                 token_url=url,
             ) from None
-        except (aiohttp.ClientConnectionError, OSError) as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise TokenError(
                 status=503,
                 error="unreachable",
                 outcome="network",
                 detail=f"cannot connect to the token server: {_describe(exc)}",
+                token_url=url,
+            ) from None
+        except (aiohttp.ClientConnectionError, OSError) as exc:
+            if self.credentials.certificate is not None:
+                # TLS 1.3: the server checks the client certificate after the handshake has "succeeded" on
+                # our side, so a refusal shows up as a reset/closed connection on the first read
+                raise TokenError(
+                    status=503,
+                    error="tls_error",
+                    outcome="tls",
+                    detail="the token server closed the connection right after the TLS handshake "
+                    f"({_describe(exc)}): with a client certificate this usually means it rejected the "
+                    "certificate; check that it belongs to this service key, that its chain reaches a root the "
+                    "server trusts, and that the token URL is the authentication.cert. host",
+                    token_url=url,
+                ) from None
+            raise TokenError(
+                status=503,
+                error="unreachable",
+                outcome="network",
+                detail=f"the connection to the token server failed: {_describe(exc)}",
                 token_url=url,
             ) from None
         return self._interpret(status, content_type, body)
@@ -300,7 +322,11 @@ class ClientCredentialsSource:
 
 
 def _describe(exc: BaseException) -> str:
-    """A short cause without secrets: the exception's own text names host and errno, nothing more."""
+    """A short cause without secrets (and without reprs of SSL contexts that aiohttp puts into its texts)."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        os_error = exc.os_error
+        reason = os_error.strerror or str(os_error) or os_error.__class__.__name__
+        return f"{exc.host}:{exc.port}: {reason}"[:300]
     text = str(exc) or exc.__class__.__name__
     return text[:300]
 
@@ -342,6 +368,7 @@ class TokenManager:
         clock: Callable[[], float] = time.monotonic,
         observer: FetchObserver | None = None,
         min_invalidation_interval: float = 1.0,
+        backoff: Callable[[int], float] | None = None,
     ) -> None:
         self.source = source
         self.name = name
@@ -356,6 +383,7 @@ class TokenManager:
         self._refresher: asyncio.Task[None] | None = None
         self._wakeup = asyncio.Event()
         self._min_invalidation_interval = min_invalidation_interval
+        self._backoff = backoff or self.backoff_delay
         self.fetch_count = 0
 
     # -- public API ---------------------------------------------------------------------------
@@ -492,7 +520,7 @@ class TokenManager:
 
     def _record_failure(self, exc: TokenError, seconds: float) -> None:
         self._failures += 1
-        delay = self.backoff_delay(self._failures)
+        delay = self._backoff(self._failures)
         self._last_error = exc
         self._retry_at = self._clock() + delay
         self._observer.on_fetch(exc.outcome, seconds)

@@ -385,7 +385,7 @@ async def test_same_origin_and_non_browser_requests_pass(serve: Serve, client: a
         {},
         {"Origin": f"http://localhost:{served.port}"},
         {"Origin": f"http://127.0.0.1:{served.port}"},
-        {"Origin": f"http://[::1]:{served.port}"},
+        {"Origin": f"http://[::1]:{served.port}", "Host": f"[::1]:{served.port}"},
         {"Sec-Fetch-Site": "same-origin", "Origin": f"http://localhost:{served.port}"},
         {"Sec-Fetch-Site": "none"},
         {"Sec-Fetch-Site": "same-site"},

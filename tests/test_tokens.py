@@ -94,19 +94,22 @@ async def test_refresh_ahead_in_background_without_blocking(tmp_path: Path, back
 
 
 async def test_failed_refresh_keeps_valid_token_and_retries(tmp_path: Path, backend: Backend) -> None:
-    backend.tokens.lifetime = 4  # refresh at 2 s, usable until 3.6 s
+    backend.tokens.lifetime = 2  # refresh at 1 s, usable until 1.8 s
     async with aiohttp.ClientSession() as session:
         manager = manager_for(tmp_path, backend, session)
+        manager._backoff = lambda failures: 0.1  # deterministic and fast; the real curve is tested above
         manager.start()
         first = await manager.get()
         backend.tokens.fail = "500"
-        await asyncio.sleep(2.9)
+        await asyncio.sleep(1.45)
         assert (await manager.get()).value == first.value  # still valid, still served
-        assert backend.tokens.requests >= 3  # refresh failed and was retried with backoff (0.5 s, 1 s …)
+        assert manager.last_error is not None and manager.last_error.http_status == 500
+        assert backend.tokens.requests >= 3  # the refresh failed and was retried
         backend.tokens.fail = None
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(0.3)
         fresh = await manager.get()
         assert fresh.value != first.value
+        assert manager.last_error is None
         await manager.close()
 
 
