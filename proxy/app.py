@@ -26,9 +26,10 @@ from proxy.config import Config, ConfigError
 from proxy.credentials import Credentials
 from proxy.exchange import EXCHANGE, Exchange, exchange_of
 from proxy.forward import CLIENT_DISCONNECTED, Forwarder, ForwardSettings, json_error
-from proxy.guard import GuardSettings, install_guard
+from proxy.guard import GuardHolder, GuardSettings, install_guard
 from proxy.logs import ACCESS_LOGGER, access_log_line, log_event
 from proxy.metrics import ProxyMetrics
+from proxy.outbound import OutboundProxies
 from proxy.router import Router
 from proxy.tls import TlsConfigError, client_ssl_context
 from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager
@@ -116,19 +117,17 @@ class Runtime:
             timeout=aiohttp.ClientTimeout(total=None, connect=timeouts.connect, sock_read=timeouts.read),
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),  # never carry one client's cookies into another's request
-            trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY
+            trust_env=False,  # proxies come from OutboundProxies (env proxies yes, ~/.netrc no)
             read_bufsize=256 * 1024,
         )
-        self.token_session = aiohttp.ClientSession(
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=True,
-        )
+        self.token_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+        self.proxies = OutboundProxies(config.outbound_proxy)
         self.forwarder = Forwarder(
             self.upstream_session,
             ForwardSettings(
                 replay_limit=config.limits.replay_buffer,
                 max_body=config.limits.max_body_size,
-                proxy=config.outbound_proxy,
+                proxies=self.proxies,
                 drop_headers=frozenset({config.inbound_api_key_header.lower()}),
             ),
         )
@@ -145,7 +144,7 @@ class Runtime:
                     cred.ssl_context,
                     timeout=timeouts.token,
                     connect_timeout=timeouts.connect,
-                    proxy=config.outbound_proxy,
+                    proxy=self.proxies.for_url(creds.token_url),
                 )
                 route_name = route.name
 
@@ -209,6 +208,7 @@ class ProxyState:
 PREPARED_KEY = web.AppKey("prepared", Prepared)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
 STATE_KEY = web.AppKey("state", ProxyState)
+GUARD_KEY = web.AppKey("guard", GuardHolder)
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -284,10 +284,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observe_middleware(config: Config) -> Middleware:
+def observe_middleware(initial: Config) -> Middleware:
     """Request id, access log line and request metrics; the one place that times a request."""
-
-    api_key = config.inbound_api_key.reveal() if config.inbound_api_key else None
 
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -314,12 +312,14 @@ def observe_middleware(config: Config) -> Middleware:
         finally:
             duration = time.perf_counter() - started
             state = request.app.get(STATE_KEY)
+            config = state.runtime.config if state is not None else initial  # follows reloads
             if record.route is not None and state is not None:
                 state.metrics.request_finished(
                     record.route, request.method, status, duration, record.bytes_in, record.bytes_out
                 )
             if config.access_log:
                 target = request.raw_path if config.log_query else request.raw_path.partition("?")[0]
+                api_key = config.inbound_api_key.reveal() if config.inbound_api_key else None
                 if api_key and api_key in target:
                     target = target.replace(api_key, "[redacted]")  # a client put the key in the URL
                 message, fields = access_log_line(
@@ -356,9 +356,8 @@ def add_admin_routes(app: web.Application) -> None:
     app.router.add_get("/-/metrics", metrics_handler)
 
 
-def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Application:
-    config = prepared.config
-    guard = GuardSettings(
+def guard_settings(config: Config) -> GuardSettings:
+    return GuardSettings(
         listen_host=config.listen_host,
         listen_port=config.listen_port,
         allowed_hosts=config.allowed_hosts,
@@ -366,6 +365,10 @@ def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Ap
         api_key=config.inbound_api_key,
         api_key_header=config.inbound_api_key_header,
     )
+
+
+def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Application:
+    config = prepared.config
     app = web.Application(
         middlewares=[observe_middleware(config)],
         client_max_size=0,
@@ -376,7 +379,7 @@ def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Ap
             "keepalive_timeout": 75.0,
         },
     )
-    install_guard(app, guard)  # runs inside observe: refusals are logged and counted too
+    app[GUARD_KEY] = install_guard(app, guard_settings(config))  # inside observe: refusals are logged too
     app[PREPARED_KEY] = prepared
     app[METRICS_KEY] = metrics or ProxyMetrics()
     app.cleanup_ctx.append(_runtime_ctx)

@@ -6,6 +6,7 @@ Nothing else in the proxy reads the environment or the config file: the CLI hand
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -64,7 +65,7 @@ class Config:
     listen_port: int = 8080
     admin_listen: tuple[str, int] | None = None
     ca_bundle: str | None = None
-    outbound_proxy: str | None = None
+    outbound_proxy: str | None = field(default=None, repr=False)  # may carry user:password@
     allow_remote: bool = False
     allowed_hosts: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -283,6 +284,8 @@ class _Section:
             number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{self.where(key)}: expected a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{self.where(key)}: expected a finite number, got {value!r}")
         if number < minimum:
             raise ConfigError(f"{self.where(key)}: must be at least {minimum:g}")
         return number
@@ -352,13 +355,14 @@ def parse_host_port(value: str, where: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def check_url(value: str, where: str) -> str:
+def check_url(value: str, where: str, *, allow_userinfo: bool = False) -> str:
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"{where}: not an http(s) URL: {value!r}")
+        shown = f": {value!r}" if "@" not in value else ""  # never echo a proxy password
+        raise ConfigError(f"{where}: not an http(s) URL{shown}")
     if parts.query or parts.fragment:
         raise ConfigError(f"{where}: must not contain a query string or fragment")
-    if parts.username or parts.password:
+    if (parts.username or parts.password) and not allow_userinfo:
         raise ConfigError(f"{where}: must not contain user:password@ (credentials go under credentials:)")
     return value
 
@@ -438,7 +442,7 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
 
     outbound_proxy = top.get_str("outbound_proxy")
     if outbound_proxy:
-        check_url(outbound_proxy, "outbound_proxy")
+        check_url(outbound_proxy, "outbound_proxy", allow_userinfo=True)
 
     log_format = ov.log_format or top.get_str("log_format") or "text"
     if log_format not in ("text", "json"):

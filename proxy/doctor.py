@@ -62,7 +62,6 @@ import ssl
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -74,6 +73,7 @@ from cryptography import x509
 
 from proxy.certificates import CertificateError, key_file_permission_warning, load_client_identity
 from proxy.config import Config, ConfigError, Overrides, Route, load_config
+from proxy.outbound import OutboundProxies
 from proxy.tls import TlsConfigError, client_ssl_context
 from proxy.tokencmd import decode_jwt, select_route
 from proxy.tokens import ClientCredentialsSource, TokenError, TokenResponse
@@ -239,13 +239,7 @@ def _tls_hints(exc: BaseException, host: str, with_cert: bool) -> list[str]:
 
 def _proxy_for(config: Config, url: str) -> str | None:
     """The outbound proxy a request to ``url`` goes through, as the token and upstream sessions decide it."""
-    if config.outbound_proxy:
-        return config.outbound_proxy
-    host, _ = _endpoint(url)
-    proxy = urllib.request.getproxies().get(urlsplit(url).scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        return proxy
-    return None
+    return OutboundProxies(config.outbound_proxy).for_url(url)
 
 
 def _proxy_display(proxy: str) -> str:
@@ -573,7 +567,12 @@ async def _token_step(
     certificate_suspect: bool = False,
 ) -> TokenResponse | None:
     source = ClientCredentialsSource(
-        route.credentials, session, ctx, timeout=config.timeouts.token, proxy=config.outbound_proxy
+        route.credentials,
+        session,
+        ctx,
+        timeout=config.timeouts.token,
+        connect_timeout=config.timeouts.connect,
+        proxy=_proxy_for(config, route.credentials.token_url),
     )
     try:
         async with asyncio.timeout(config.timeouts.token + 1):
@@ -627,7 +626,7 @@ async def _upstream_step(
                 url,
                 headers=headers,
                 allow_redirects=False,
-                proxy=config.outbound_proxy,
+                proxy=_proxy_for(config, url),
                 timeout=aiohttp.ClientTimeout(total=total, connect=timeouts.connect),
             ) as resp,
         ):
@@ -761,11 +760,11 @@ async def run_checks(
     else:
         jar = aiohttp.DummyCookieJar
         async with (
-            aiohttp.ClientSession(cookie_jar=jar(), trust_env=True) as token_session,
+            aiohttp.ClientSession(cookie_jar=jar(), trust_env=False) as token_session,
             aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(ssl=upstream_ctx),
                 cookie_jar=jar(),
-                trust_env=True,
+                trust_env=False,
                 auto_decompress=False,
             ) as upstream_session,
         ):

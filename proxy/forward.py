@@ -36,8 +36,9 @@ from proxy.odata import (
     reverse_rewrite,
     should_rewrite,
 )
+from proxy.outbound import OutboundProxies
 from proxy.router import proxy_location
-from proxy.tokens import Token, TokenError, TokenManager
+from proxy.tokens import Token, TokenError, TokenManager, outbound_proxy_detail
 
 log = logging.getLogger("odata_auth_proxy.forward")
 
@@ -233,7 +234,7 @@ async def read_request_body(request: web.Request, replay_limit: int, max_body: i
 class ForwardSettings:
     replay_limit: int
     max_body: int | None
-    proxy: str | None  # explicit outbound proxy URL
+    proxies: OutboundProxies
     drop_headers: frozenset[str] = frozenset()
     csrf_timeout: float = 30.0
 
@@ -330,7 +331,7 @@ class Forwarder:
             data=body.payload(),
             allow_redirects=False,
             skip_auto_headers=_SKIP_AUTO,
-            proxy=self._settings.proxy,
+            proxy=self._settings.proxies.for_url(url),
             compress=None,
         )
 
@@ -342,12 +343,13 @@ class Forwarder:
             if session.token is not None and session.token != stale and session.bearer_fp == token.fingerprint:
                 return  # another request fetched a fresh one while we waited
             self.csrf.record_fetch()
+            csrf_url = csrf_fetch_url(route.upstream)
             csrf_token, cookies = await fetch_csrf(
                 self._session,
-                csrf_fetch_url(route.upstream),
+                csrf_url,
                 token.value.reveal(),
                 self._settings.csrf_timeout,
-                proxy=self._settings.proxy,
+                proxy=self._settings.proxies.for_url(csrf_url),
             )
             session.store(token.fingerprint, csrf_token, cookies)
             log.info(
@@ -444,6 +446,8 @@ class Forwarder:
         upstream = f"{url.scheme}://{url.raw_authority}"
         if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError | asyncio.TimeoutError):
             status, code, detail = 504, "upstream_timeout", "the upstream did not answer in time"
+        elif isinstance(exc, aiohttp.ClientHttpProxyError):
+            status, code, detail = 502, "outbound_proxy_error", outbound_proxy_detail(exc, "the upstream")
         elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
             status, code = 502, "upstream_tls_error"
             detail = (

@@ -610,10 +610,30 @@ class _Guard:
         return response
 
 
-def install_guard(app: web.Application, settings: GuardSettings) -> None:
+class GuardHolder:
+    """The guard in force, swapped whole when the configuration is reloaded (SIGHUP)."""
+
+    def __init__(self, settings: GuardSettings) -> None:
+        self.current = _Guard(settings)
+
+    def update(self, settings: GuardSettings) -> None:
+        self.current = _Guard(settings)
+
+
+def install_guard(app: web.Application, settings: GuardSettings) -> GuardHolder:
     """Append the guard to the application's middlewares (after observing ones), and its CORS signal."""
-    app.middlewares.append(guard_middleware(settings))
+    holder = GuardHolder(settings)
+    app.middlewares.append(_middleware(holder))
     app.on_response_prepare.append(cors_on_prepare)
+    return holder
+
+
+def _middleware(holder: GuardHolder) -> typedefs.Middleware:
+    @web.middleware
+    async def guard_mw(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        return await holder.current(request, handler)
+
+    return guard_mw
 
 
 def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:
@@ -624,10 +644,4 @@ def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:
     handler gets a ``request.clone()``; values it stores in the request (``request["..."] = ...``)
     are copied back to the original request when it returns.
     """
-    guard = _Guard(settings)
-
-    @web.middleware
-    async def guard_mw(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        return await guard(request, handler)
-
-    return guard_mw
+    return _middleware(GuardHolder(settings))

@@ -16,8 +16,9 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from proxy.app import METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app
+from proxy.app import GUARD_KEY, METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app, guard_settings
 from proxy.config import Config, ConfigError
+from proxy.logs import setup_logging
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -149,6 +150,9 @@ class ProxyServer:
             )
         for warning in prepared.warnings:
             log.warning(warning)
+        if (new.log_format, new.verbose) != (old.log_format, old.verbose):
+            setup_logging(new.log_format, new.verbose)
+        self.app[GUARD_KEY].update(guard_settings(new))
         state = self.app[STATE_KEY]
         self._replaced = [r for r in self._replaced if not r.upstream_session.closed]
         self._replaced.append(state.runtime)
@@ -173,18 +177,10 @@ class ProxyServer:
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:
-    """Settings that changed but are fixed for the life of the server: the guard, the access log, the HTTP
-    parser limits and the drain timeout are built once in ``start``; a reload swaps routes, credentials,
-    TLS, timeouts and the outbound proxy only. (The listen addresses are reported separately.)"""
+    """Settings that changed but are fixed for the life of the server: the HTTP parser limits and the drain
+    timeout belong to the listener built in ``start``; a reload swaps everything else (routes, credentials,
+    TLS, timeouts, outbound proxy, the guard, logging). (The listen addresses are reported separately.)"""
     fixed: dict[str, Callable[[Config], object]] = {
-        "allowed_hosts": lambda c: c.allowed_hosts,
-        "allowed_origins": lambda c: c.allowed_origins,
-        "inbound_api_key": lambda c: c.inbound_api_key,
-        "inbound_api_key_header": lambda c: c.inbound_api_key_header.lower(),
-        "access_log": lambda c: c.access_log,
-        "log_query": lambda c: c.log_query,
-        "log_format": lambda c: c.log_format,
-        "verbose": lambda c: c.verbose,
         "shutdown_timeout": lambda c: c.shutdown_timeout,
         "limits.max_header_size": lambda c: c.limits.max_header_size,
         "limits.max_headers": lambda c: c.limits.max_headers,

@@ -13,6 +13,7 @@ import aiohttp
 
 from proxy.app import prepare
 from proxy.config import Config, ConfigError, Overrides, Route, load_config
+from proxy.outbound import OutboundProxies
 from proxy.tokens import ClientCredentialsSource, TokenError, TokenResponse
 
 
@@ -29,14 +30,14 @@ def select_route(config: Config, name: str | None) -> Route:
 async def fetch_token(config: Config, route: Route) -> TokenResponse:
     prepared = prepare(config)
     cred = prepared.credentials[route.credentials]
-    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=True) as session:
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
         source = ClientCredentialsSource(
             route.credentials,
             session,
             cred.ssl_context,
             timeout=config.timeouts.token,
             connect_timeout=config.timeouts.connect,
-            proxy=config.outbound_proxy,
+            proxy=OutboundProxies(config.outbound_proxy).for_url(route.credentials.token_url),
         )
         return await source.fetch()
 

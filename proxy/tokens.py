@@ -203,6 +203,14 @@ class ClientCredentialsSource:
                 detail=f"the token server did not answer within {self._timeout.total:g} s",
                 token_url=url,
             ) from None
+        except aiohttp.ClientHttpProxyError as exc:
+            raise TokenError(
+                status=503,
+                error="proxy_error",
+                outcome="proxy",
+                detail=outbound_proxy_detail(exc, "the token server"),
+                token_url=url,
+            ) from None
         except aiohttp.ClientConnectorCertificateError as exc:
             raise TokenError(
                 status=503,
@@ -319,6 +327,15 @@ class ClientCredentialsSource:
             scope=scope if isinstance(scope, str) else None,
             raw=data,
         )
+
+
+def outbound_proxy_detail(exc: aiohttp.ClientHttpProxyError, target: str) -> str:
+    """The corporate proxy refused the CONNECT tunnel: say so, with its status, and how to fix a 407."""
+    detail = f"the outbound HTTP proxy refused the tunnel to {target}: HTTP {exc.status} {exc.message}".rstrip()
+    if exc.status == 407:
+        detail += "; it wants credentials: put them into the proxy URL (http://user:password@proxy:port) in "
+        detail += "outbound_proxy or HTTPS_PROXY"
+    return detail
 
 
 def _describe(exc: BaseException) -> str:
