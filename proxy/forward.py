@@ -26,6 +26,7 @@ from proxy.odata import (
     CSRF_HEADER,
     CsrfStore,
     MultiRewriter,
+    RewritePlan,
     client_manages_csrf,
     csrf_fetch_url,
     csrf_required,
@@ -61,6 +62,7 @@ _REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "content-length", "expect
 _RESPONSE_DROP = HOP_BY_HOP
 _SKIP_AUTO = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 READ_CHUNK = 256 * 1024
+SMALL_BODY = 64 * 1024  # sized bodies up to this are read whole and sent in one write
 
 
 def json_error(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
@@ -247,7 +249,7 @@ class Forwarder:
         self._session = session
         self._settings = settings
         self.csrf = CsrfStore()
-        self._pairs: dict[tuple[str, str], list[tuple[bytes, bytes]]] = {}
+        self._plans: dict[tuple[str, str], tuple[list[tuple[bytes, bytes]], RewritePlan]] = {}
 
     async def forward(self, request: web.Request, route: Route, url: URL, manager: TokenManager) -> web.StreamResponse:
         settings = self._settings
@@ -270,7 +272,7 @@ class Forwarder:
         if route.rewrite_links:
             narrow_accept_encoding(headers)
         if route.rewrite_links and body.data and should_rewrite(request.content_type, None):
-            body.data = reverse_rewrite(body.data, self._link_pairs(route, proxy_base))
+            body.data = reverse_rewrite(body.data, self._link_plan(route, proxy_base)[0])
         csrf_key = route.name if route.csrf == "auto" and is_write(request.method) else None
         if csrf_key is not None and client_manages_csrf(request.headers):
             csrf_key = None  # the client does its own CSRF dance: leave it alone
@@ -358,22 +360,28 @@ class Forwarder:
                 "ok" if session.token else "none returned",
             )
 
-    def _link_pairs(self, route: Route, proxy_base: str) -> list[tuple[bytes, bytes]]:
+    def _link_plan(self, route: Route, proxy_base: str) -> tuple[list[tuple[bytes, bytes]], RewritePlan]:
+        """Replacement pairs and their compiled plan for this route as the client addresses the proxy."""
         key = (route.name, proxy_base)
-        pairs = self._pairs.get(key)
-        if pairs is None:
+        cached = self._plans.get(key)
+        if cached is None:
             pairs = link_rewrite_pairs(route.upstream, proxy_base + route.prefix)
-            if len(self._pairs) < 256:  # bounded: proxy_base comes from the (allow-listed) Host header
-                self._pairs[key] = pairs
-        return pairs
+            cached = (pairs, RewritePlan.build(pairs))
+            if len(self._plans) < 256:  # bounded: proxy_base comes from the (allow-listed) Host header
+                self._plans[key] = cached
+        return cached
 
     async def _stream_back(
         self, request: web.Request, route: Route, resp: aiohttp.ClientResponse, proxy_base: str
     ) -> web.StreamResponse:
-        out = web.StreamResponse(status=resp.status, reason=resp.reason)
-        out.headers.extend(client_response_headers(resp.headers, route, proxy_base))
+        headers = client_response_headers(resp.headers, route, proxy_base)
         has_body = request.method != "HEAD" and resp.status not in (204, 304)
         transform = self._body_transform(route, resp, proxy_base) if has_body else None
+        length = resp.content_length
+        if has_body and transform is None and length is not None and length <= SMALL_BODY:
+            return await self._send_small(request, route, resp, headers, length)
+        out = web.StreamResponse(status=resp.status, reason=resp.reason)
+        out.headers.extend(headers)
         if transform is not None:
             out.headers.popall("Content-Length", None)
         await out.prepare(request)
@@ -411,12 +419,37 @@ class Forwarder:
         await out.write_eof()
         return out
 
+    async def _send_small(
+        self, request: web.Request, route: Route, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], length: int
+    ) -> web.StreamResponse:
+        """A small sized body (most OData answers) is read whole and sent in one write: fewer syscalls."""
+        try:
+            body = await resp.content.readexactly(length)
+        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            # nothing was sent to the client yet, so it can get an honest 502 instead of a cut body
+            got = len(exc.partial) if isinstance(exc, asyncio.IncompleteReadError) else None
+            detail = f"the upstream broke off its {length}-byte answer" + (f" after {got} bytes" if got else "")
+            exchange_of(request).error = "upstream_body_incomplete"
+            log.warning("route %s: %s (%s)", route.name, detail, exc.__class__.__name__)
+            return json_error(
+                502,
+                {
+                    "error": "upstream_body_incomplete",
+                    "detail": detail,
+                    "route": route.name,
+                    "upstream_status": resp.status,
+                },
+            )
+        out = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
+        exchange_of(request).bytes_out = length
+        return out
+
     def _body_transform(self, route: Route, resp: aiohttp.ClientResponse, proxy_base: str) -> BodyTransform | None:
         """Link rewriting for OData JSON/XML bodies; gzip/deflate ones are inflated and deflated again."""
         if not route.rewrite_links or not should_rewrite(resp.headers.get("Content-Type"), None):
             return None
         encoding = resp.headers.get("Content-Encoding", "").strip().lower()
-        rewriter = MultiRewriter(self._link_pairs(route, proxy_base))
+        rewriter = MultiRewriter(self._link_plan(route, proxy_base)[1])
         if encoding in ("", "identity"):
             return BodyTransform(rewriter)
         if encoding in ("gzip", "x-gzip"):

@@ -146,6 +146,9 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
+        # label children cached per request shape: .labels() costs more than the increment itself
+        self._request_children: dict[tuple[str, str, int], tuple[Gauge, Counter, Histogram, Counter, Counter]] = {}
+        self._inflight_children: dict[str, Gauge] = {}
 
         # Standard process/platform/GC metrics, explicitly on our registry (not the global one).
         ProcessCollector(registry=reg)
@@ -252,7 +255,10 @@ class ProxyMetrics:
     # -- client requests --------------------------------------------------------------------------
 
     def request_started(self, route: str) -> None:
-        self.requests_in_flight.labels(route=route_label(route)).inc()
+        gauge = self._inflight_children.get(route)
+        if gauge is None:
+            gauge = self._inflight_children[route] = self.requests_in_flight.labels(route=route_label(route))
+        gauge.inc()
 
     def request_finished(
         self,
@@ -263,13 +269,25 @@ class ProxyMetrics:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        r = route_label(route)
         m = method_label(method)
-        self.requests_in_flight.labels(route=r).dec()
-        self.requests_total.labels(route=r, method=m, status_class=status_class(status)).inc()
-        self.request_duration_seconds.labels(route=r, method=m).observe(max(0.0, seconds))
-        self.request_bytes_total.labels(route=r).inc(max(0, bytes_in))
-        self.response_bytes_total.labels(route=r).inc(max(0, bytes_out))
+        key = (route, m, status // 100)
+        children = self._request_children.get(key)
+        if children is None:
+            r = route_label(route)
+            children = (
+                self.requests_in_flight.labels(route=r),
+                self.requests_total.labels(route=r, method=m, status_class=status_class(status)),
+                self.request_duration_seconds.labels(route=r, method=m),
+                self.request_bytes_total.labels(route=r),
+                self.response_bytes_total.labels(route=r),
+            )
+            self._request_children[key] = children  # bounded: routes x known methods x status classes
+        inflight, total, duration, bytes_in_total, bytes_out_total = children
+        inflight.dec()
+        total.inc()
+        duration.observe(max(0.0, seconds))
+        bytes_in_total.inc(max(0, bytes_in))
+        bytes_out_total.inc(max(0, bytes_out))
 
     # -- tokens -----------------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ __all__ = [
     "CsrfSession",
     "CsrfStore",
     "MultiRewriter",
+    "RewritePlan",
     "StreamRewriter",
     "client_manages_csrf",
     "csrf_fetch_url",
@@ -106,6 +107,30 @@ class StreamRewriter:
         return held
 
 
+@dataclass(frozen=True)
+class RewritePlan:
+    """The compiled, stateless part of a :class:`MultiRewriter`: build once per route, share across responses."""
+
+    mapping: Mapping[bytes, bytes]
+    longest: int
+    prefixes: frozenset[bytes]
+    regex: re.Pattern[bytes] | None
+
+    @classmethod
+    def build(cls, pairs: Sequence[tuple[bytes, bytes]]) -> RewritePlan:
+        mapping: dict[bytes, bytes] = {}
+        for old, new in pairs:
+            if not old:
+                raise ValueError("MultiRewriter needs non-empty patterns")
+            mapping.setdefault(old, new)  # the first pair for a pattern wins
+        return cls(
+            mapping=mapping,
+            longest=max((len(old) for old in mapping), default=0),
+            prefixes=frozenset(old[:size] for old in mapping for size in range(1, len(old))),
+            regex=_alternation(mapping),
+        )
+
+
 class MultiRewriter:
     """Several ``(old, new)`` replacements over one byte stream, with the :class:`StreamRewriter` API.
 
@@ -117,16 +142,12 @@ class MultiRewriter:
     ``max(len(old)) - 1`` bytes.
     """
 
-    def __init__(self, pairs: Sequence[tuple[bytes, bytes]]) -> None:
-        mapping: dict[bytes, bytes] = {}
-        for old, new in pairs:
-            if not old:
-                raise ValueError("MultiRewriter needs non-empty patterns")
-            mapping.setdefault(old, new)  # the first pair for a pattern wins
-        self._map = mapping
-        self._longest = max((len(old) for old in mapping), default=0)
-        self._prefixes = frozenset(old[:size] for old in mapping for size in range(1, len(old)))
-        self._regex = _alternation(mapping)
+    def __init__(self, pairs: Sequence[tuple[bytes, bytes]] | RewritePlan) -> None:
+        plan = pairs if isinstance(pairs, RewritePlan) else RewritePlan.build(pairs)
+        self._map = plan.mapping
+        self._longest = plan.longest
+        self._prefixes = plan.prefixes
+        self._regex = plan.regex
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:

@@ -202,10 +202,12 @@ class Upstream:
         return web.Response(text="slow done")
 
     async def broken(self, request: web.Request) -> web.StreamResponse:
+        """Promises ``size`` bytes (default 1000) and closes the connection after a tenth of them."""
+        size = int(request.query.get("size", "1000"))
         resp = web.StreamResponse()
-        resp.content_length = 1000
+        resp.content_length = size
         await resp.prepare(request)
-        await resp.write(b"x" * 100)
+        await resp.write(b"x" * (size // 10))
         assert request.transport is not None
         request.transport.close()
         return resp

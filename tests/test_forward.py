@@ -572,18 +572,27 @@ async def test_slow_upstream_is_504(tmp_path: Path, backend: Backend, client: ai
     assert body["upstream"] == backend.upstream.url
 
 
-async def test_body_cut_short_upstream_is_never_a_clean_response(
+async def test_small_body_cut_short_upstream_is_a_502(proxy: RunningProxy, client: aiohttp.ClientSession) -> None:
+    # small answers are read whole before anything is sent, so the client can get an honest error
+    async with client.get(proxy.url + "/api/v1/broken") as resp:
+        assert resp.status == 502
+        body = await resp.json()
+    assert body["error"] == "upstream_body_incomplete"
+    assert "broke off its 1000-byte answer" in body["detail"]
+
+
+async def test_large_body_cut_short_upstream_is_never_a_clean_response(
     proxy: RunningProxy, client: aiohttp.ClientSession
 ) -> None:
     with pytest.raises(aiohttp.ClientPayloadError):
-        async with client.get(proxy.url + "/api/v1/broken") as resp:
+        async with client.get(proxy.url + "/api/v1/broken?size=2000000") as resp:
             assert resp.status == 200
             await resp.read()
 
 
-async def test_body_cut_short_upstream_raw(proxy: RunningProxy) -> None:
+async def test_large_body_cut_short_upstream_raw(proxy: RunningProxy) -> None:
     port = proxy_port(proxy)
-    resp = await raw_exchange(port, raw_request("GET", "/api/v1/broken", port))
+    resp = await raw_exchange(port, raw_request("GET", "/api/v1/broken?size=2000000", port))
     if "Content-Length" in resp.headers:
         assert len(resp.body) < int(resp.headers["Content-Length"])
     else:  # chunked without the terminating chunk would have failed in read_response
