@@ -34,13 +34,13 @@ ENV ODATA_AUTH_PROXY_LISTEN=0.0.0.0:8080 \
     PYTHONDONTWRITEBYTECODE=1
 
 USER 10001:10001
-WORKDIR /tmp
 EXPOSE 8080
 
-# No curl in -slim: Python's urllib. The port follows ODATA_AUTH_PROXY_LISTEN; ProxyHandler({}) so that an
-# HTTP_PROXY meant for the upstream never catches the health check of 127.0.0.1.
+# No curl in -slim: Python's urllib. It asks the admin port when ODATA_AUTH_PROXY_ADMIN_LISTEN is set, else the
+# main one (ODATA_AUTH_PROXY_LISTEN); ProxyHandler({}) so that an HTTP_PROXY meant for the upstream never
+# catches the health check of 127.0.0.1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; port = os.environ.get('ODATA_AUTH_PROXY_LISTEN', ':8080').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/-/healthz', timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; e = os.environ; port = (e.get('ODATA_AUTH_PROXY_ADMIN_LISTEN') or e.get('ODATA_AUTH_PROXY_LISTEN') or ':8080').rpartition(':')[2]; u.build_opener(u.ProxyHandler({})).open(f'http://127.0.0.1:{port}/-/healthz', timeout=4)"]
 
 # exec form: the proxy is PID 1 and gets SIGTERM itself (drains for up to ODATA_AUTH_PROXY_SHUTDOWN_TIMEOUT, 30 s;
 # give `docker stop -t 35` / terminationGracePeriodSeconds: 35). SIGHUP reloads a mounted config and key files.

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import re
+import secrets
 import ssl
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -287,11 +288,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 def observe_middleware(initial: Config) -> Middleware:
     """Request id, access log line and request metrics; the one place that times a request."""
 
+    # request ids: a random per-process prefix and a counter, unique and far cheaper than uuid4 per request
+    id_prefix = secrets.token_hex(6)
+    id_counter = itertools.count(1)
+
     @web.middleware
     async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         incoming = request.headers.get("X-Request-Id", "")
-        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request_id = incoming if incoming and _REQUEST_ID.match(incoming) else f"{id_prefix}-{next(id_counter):x}"
         record = Exchange(request_id=request_id)
         request[EXCHANGE] = record
         status = 500

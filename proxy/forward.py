@@ -378,8 +378,8 @@ class Forwarder:
         has_body = request.method != "HEAD" and resp.status not in (204, 304)
         transform = self._body_transform(route, resp, proxy_base) if has_body else None
         length = resp.content_length
-        if has_body and transform is None and length is not None and length <= SMALL_BODY:
-            return await self._send_small(request, route, resp, headers, length)
+        if has_body and length is not None and length <= SMALL_BODY:
+            return await self._send_small(request, route, resp, headers, length, transform)
         out = web.StreamResponse(status=resp.status, reason=resp.reason)
         out.headers.extend(headers)
         if transform is not None:
@@ -420,12 +420,21 @@ class Forwarder:
         return out
 
     async def _send_small(
-        self, request: web.Request, route: Route, resp: aiohttp.ClientResponse, headers: CIMultiDict[str], length: int
+        self,
+        request: web.Request,
+        route: Route,
+        resp: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        length: int,
+        transform: BodyTransform | None,
     ) -> web.StreamResponse:
-        """A small sized body (most OData answers) is read whole and sent in one write: fewer syscalls."""
+        """A small sized body (most OData answers) is read whole, rewritten if needed, and sent in one write."""
         try:
             body = await resp.content.readexactly(length)
-        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            if transform is not None:
+                body = transform.feed(body) + transform.flush()
+                headers.popall("Content-Length", None)  # web.Response sets the new one
+        except (aiohttp.ClientError, TimeoutError, asyncio.IncompleteReadError, zlib.error) as exc:
             # nothing was sent to the client yet, so it can get an honest 502 instead of a cut body
             got = len(exc.partial) if isinstance(exc, asyncio.IncompleteReadError) else None
             detail = f"the upstream broke off its {length}-byte answer" + (f" after {got} bytes" if got else "")
@@ -441,7 +450,7 @@ class Forwarder:
                 },
             )
         out = web.Response(status=resp.status, reason=resp.reason, headers=headers, body=body)
-        exchange_of(request).bytes_out = length
+        exchange_of(request).bytes_out = len(body)
         return out
 
     def _body_transform(self, route: Route, resp: aiohttp.ClientResponse, proxy_base: str) -> BodyTransform | None:

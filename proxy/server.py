@@ -13,11 +13,13 @@ import os
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import replace
 
 from aiohttp import web
 
 from proxy.app import GUARD_KEY, METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app, guard_settings
 from proxy.config import Config, ConfigError
+from proxy.guard import listen_address_problem
 from proxy.logs import setup_logging
 
 log = logging.getLogger("odata_auth_proxy")
@@ -124,8 +126,18 @@ class ProxyServer:
         if self._stop.is_set():
             log.warning("SIGHUP while draining: not reloading")
             return False
+        running = self.prepared.config
         try:
             prepared = self._reload()
+            new = prepared.config
+            # the sockets stay where they are: the new settings are judged (and the guard built) for the
+            # address actually bound, not the one the file may now name
+            problem = listen_address_problem(
+                running.listen_host, allow_remote=new.allow_remote, has_api_key=new.inbound_api_key is not None
+            )
+            if problem:
+                raise ConfigError(f"still listening on {running.listen_host}: {problem}")
+            prepared = replace(prepared, config=_pinned(new, running))
             runtime = Runtime(prepared, self.app[METRICS_KEY])
         except ConfigError as exc:
             log.error("reload failed, still serving with the previous configuration: %s", exc)
@@ -137,8 +149,7 @@ class ProxyServer:
                 exc.__class__.__name__,
             )
             return False
-        old = self.prepared.config
-        new = prepared.config
+        old = running
         if (new.listen_host, new.listen_port, new.admin_listen) != (old.listen_host, old.listen_port, old.admin_listen):
             log.warning("reload: listen addresses cannot change while running; restart to apply them")
         kept = restart_only_changes(old, new)
@@ -152,7 +163,7 @@ class ProxyServer:
             log.warning(warning)
         if (new.log_format, new.verbose) != (old.log_format, old.verbose):
             setup_logging(new.log_format, new.verbose)
-        self.app[GUARD_KEY].update(guard_settings(new))
+        self.app[GUARD_KEY].update(guard_settings(prepared.config))
         state = self.app[STATE_KEY]
         self._replaced = [r for r in self._replaced if not r.upstream_session.closed]
         self._replaced.append(state.runtime)
@@ -186,6 +197,21 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
         "limits.max_headers": lambda c: c.limits.max_headers,
     }
     return [name for name, value in fixed.items() if value(old) != value(new)]
+
+
+def _pinned(new: Config, running: Config) -> Config:
+    """``new`` with the settings a reload cannot change (listen addresses and ``restart_only_changes``) kept at
+    the values the server runs with, so that guard, log lines and the next reload's comparison tell the truth."""
+    return replace(
+        new,
+        listen_host=running.listen_host,
+        listen_port=running.listen_port,
+        admin_listen=running.admin_listen,
+        shutdown_timeout=running.shutdown_timeout,
+        limits=replace(
+            new.limits, max_header_size=running.limits.max_header_size, max_headers=running.limits.max_headers
+        ),
+    )
 
 
 def _bound(runner: web.AppRunner) -> list[tuple[str, int]]:

@@ -289,7 +289,7 @@ async def test_generated_request_id_is_returned_and_sent_upstream(
         assert resp.status == 200
         request_id = resp.headers["X-Request-Id"]
         body = await resp.json()
-    assert re.fullmatch(r"[0-9a-f]{32}", request_id)
+    assert re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", request_id)
     assert header_values(body["headers"], "X-Request-Id") == [request_id]
     async with client.get(proxy.url + "/api/v1/echo/rid") as resp:
         assert resp.headers["X-Request-Id"] != request_id  # one per request

@@ -114,13 +114,19 @@ class SplitUpstream:
         self.received: list[bytes] = []
 
     async def split(self, request: web.Request) -> web.StreamResponse:
-        body = json.dumps({"d": {"__next": f"{self.url}/api/v1/X?$skiptoken=5", "uri": f"{self.url}/api/v1/Y"}})
+        # larger than the proxy's one-write limit (64 KiB), so the body is streamed and rewritten chunk by chunk
+        pad = "p" * int(request.query.get("pad", "100000"))
+        body = json.dumps(
+            {"d": {"__next": f"{self.url}/api/v1/X?$skiptoken=5", "uri": f"{self.url}/api/v1/Y", "pad": pad}}
+        )
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
         resp.content_length = len(body)
         await resp.prepare(request)
         data = body.encode()
-        for i in range(0, len(data), 7):  # 7-byte chunks: every URL is split somewhere
-            await resp.write(data[i : i + 7])
+        head = 203  # both URLs lie in the first 203 bytes
+        for i in range(0, head, 7):  # 7-byte chunks there: every URL is split somewhere
+            await resp.write(data[i : min(i + 7, head)])
+        await resp.write(data[head:])
         await resp.write_eof()
         return resp
 
@@ -152,16 +158,21 @@ async def split_upstream(backend: Backend) -> AsyncIterator[SplitUpstream]:
         await runner.cleanup()
 
 
+@pytest.mark.parametrize("pad", [100000, 10])  # streamed, and read whole (small)
 async def test_url_split_across_chunks_is_rewritten(
-    tmp_path: Path, backend: Backend, split_upstream: SplitUpstream
+    tmp_path: Path, backend: Backend, split_upstream: SplitUpstream, pad: int
 ) -> None:
     config = make_config(tmp_path, backend, [secret_route(backend, upstream=split_upstream.url)])
     async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
-        async with client.get(proxy.url + "/api/v1/split") as resp:
+        async with client.get(proxy.url + f"/api/v1/split?pad={pad}") as resp:
             assert resp.status == 200
-            assert "Content-Length" not in resp.headers  # the length changed
-            data = await resp.json()
-    assert data == {"d": {"__next": proxy.url + "/api/v1/X?$skiptoken=5", "uri": proxy.url + "/api/v1/Y"}}
+            raw = await resp.read()
+            if pad > 65536:
+                assert "Content-Length" not in resp.headers  # streamed: the new length is not known up front
+            else:
+                assert resp.content_length == len(raw)  # read whole: the new, correct length
+    expected = {"__next": proxy.url + "/api/v1/X?$skiptoken=5", "uri": proxy.url + "/api/v1/Y", "pad": "p" * pad}
+    assert json.loads(raw) == {"d": expected}
 
 
 async def test_gzip_json_is_rewritten_and_stays_gzip(
@@ -172,7 +183,7 @@ async def test_gzip_json_is_rewritten_and_stays_gzip(
         async with client.get(proxy.url + "/api/v1/gz", headers={"Accept-Encoding": "gzip"}) as resp:
             raw = await resp.read()
             assert resp.headers["Content-Encoding"] == "gzip"
-            assert "Content-Length" not in resp.headers
+            assert resp.content_length in (None, len(raw))  # never the upstream's stale length
     assert json.loads(gzip.decompress(raw)) == {"uri": proxy.url + "/api/v1/Z", "pad": "p" * 5000}
 
 
