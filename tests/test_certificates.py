@@ -106,9 +106,7 @@ def spec_for(cert: str, key: str, password: str | None = None) -> CertificateSpe
 
 def key_as(key: Any, fmt: serialization.PrivateFormat, password: str | None = None) -> str:
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password
-        else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password.encode()) if password else serialization.NoEncryption()
     )
     return str(key.private_bytes(serialization.Encoding.PEM, fmt, encryption).decode())
 
@@ -289,14 +287,10 @@ def make_p12(pki: Pki, password: str | None) -> bytes:
     intermediate = x509.load_pem_x509_certificate(pki.intermediate_pem.encode())
     root = x509.load_pem_x509_certificate(pki.root_pem.encode())
     encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password.encode())
-        if password
-        else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password.encode()) if password else serialization.NoEncryption()
     )
     # Extra certificates deliberately out of order: the loader puts the chain in issuer order.
-    return pkcs12.serialize_key_and_certificates(
-        b"client", pki.key, pki.leaf_cert, [root, intermediate], encryption
-    )
+    return pkcs12.serialize_key_and_certificates(b"client", pki.key, pki.leaf_cert, [root, intermediate], encryption)
 
 
 def p12_spec(path: Path, password: str | None) -> CertificateSpec:
@@ -383,8 +377,7 @@ def test_key_matching_a_later_certificate_is_moved_first(pki: Pki) -> None:
     shuffled = pki.root_pem + pki.intermediate_pem + pki.leaf_pem
     identity = load_client_identity(spec_for(shuffled, pki.key_pem))
     assert [c.subject for c in identity.chain] == [
-        x509.load_pem_x509_certificate(p.encode()).subject
-        for p in (pki.leaf_pem, pki.intermediate_pem, pki.root_pem)
+        x509.load_pem_x509_certificate(p.encode()).subject for p in (pki.leaf_pem, pki.intermediate_pem, pki.root_pem)
     ]
 
 
@@ -440,9 +433,7 @@ def test_expired_certificate_is_refused_with_date(pki: Pki) -> None:
 
 def test_not_yet_valid_certificate(pki: Pki) -> None:
     with pytest.raises(CertificateError, match="is not valid before 2000-01-01"):
-        load_client_identity(
-            spec_for(pki.full_chain_pem, pki.key_pem), now=datetime(1999, 6, 1, tzinfo=UTC)
-        )
+        load_client_identity(spec_for(pki.full_chain_pem, pki.key_pem), now=datetime(1999, 6, 1, tzinfo=UTC))
 
 
 # --------------------------------------------------------------------------------- identity details
@@ -612,9 +603,7 @@ def test_apply_to_uses_memfd_and_leaves_no_files(pki: Pki, private_tempdir: Path
     assert list(private_tempdir.iterdir()) == []
 
 
-def test_apply_to_fallback_private_temp_file(
-    pki: Pki, private_tempdir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_apply_to_fallback_private_temp_file(pki: Pki, private_tempdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(os, "memfd_create", raising=False)
     identity = load_client_identity(spec_for(pki.full_chain_pem, pki.key_pem))
     ctx = SpyContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -696,9 +685,7 @@ async def test_mutual_tls_handshake_fails_without_client_certificate(pki: Pki, m
                 await response.read()
 
 
-async def test_mutual_tls_leaf_alone_is_rejected_when_server_trusts_only_the_root(
-    pki: Pki, mtls_server: str
-) -> None:
+async def test_mutual_tls_leaf_alone_is_rejected_when_server_trusts_only_the_root(pki: Pki, mtls_server: str) -> None:
     identity = load_client_identity(spec_for(pki.leaf_pem, pki.key_pem))
     assert identity.chain_warning() is not None
     ctx = client_context(pki)
