@@ -9,7 +9,10 @@ import gzip
 import hashlib
 import itertools
 import json
+import os
+import socket
 import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -26,6 +29,27 @@ from proxy.config import Config, Overrides, load_config
 from proxy.server import ProxyServer
 
 FIXTURES = Path(__file__).parent / "fixtures"
+BIN = Path(sys.executable).parent
+PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ws_proxy", "wss_proxy")
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now (for a server to bind, or as a closed port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a proxy subprocess: no ODATA_AUTH_PROXY_* and no *_PROXY variables (tests talk to
+    loopback only and must never detour through a proxy), this venv's bin first on PATH, unbuffered output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ODATA_AUTH_PROXY_") and k.lower() not in PROXY_VARS}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
 CLIENT_ID = "sb-0a1b2c3d!b12345|it!b67890"
 CLIENT_SECRET = "s3cr3t$with+plus=and/slash"
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
 import socket
@@ -22,7 +21,7 @@ import aiohttp
 import pytest
 
 import proxy
-from tests.conftest import CLIENT_SECRET, Backend, secret_route, write_yaml
+from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, secret_route, write_yaml
 
 PROXY_DIR = Path(proxy.__file__).parent
 ERROR_PREFIX = "odata-auth-proxy: error:"
@@ -31,16 +30,6 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ODATA_AUTH_PROXY_")}
-    # only loopback traffic here: never route it through a proxy from the environment
-    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
-        env.pop(name, None)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
 
 
 @dataclass
@@ -61,7 +50,7 @@ async def run_cli(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=env if env is not None else cli_env(),
+        env=env if env is not None else child_env(),
         cwd=cwd,
     )
     try:
@@ -72,12 +61,6 @@ async def run_cli(
             await process.wait()
     assert process.returncode is not None
     return Result(process.returncode, out.decode(), err.decode())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def lines(text: str) -> list[str]:
@@ -181,7 +164,7 @@ async def proxy_process(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=out_file,
             stderr=err_file,
-            env=env if env is not None else cli_env(),
+            env=env if env is not None else child_env(),
             cwd=tmp_path,
         )
     running = ProxyProcess(process, port, out, err)
@@ -210,7 +193,7 @@ async def curl(*args: str, timeout: float = 15) -> tuple[int, str]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=cli_env(),
+        env=child_env(),
     )
     try:
         out, err = await asyncio.wait_for(process.communicate(), timeout + 5)
@@ -284,7 +267,7 @@ async def test_remote_listen_needs_allow_remote(tmp_path: Path, backend: Backend
     line = assert_one_error_line(result, "0.0.0.0", "--allow-remote")
     assert "127.0.0.1" in line  # says how to stay local
 
-    env = cli_env(ODATA_AUTH_PROXY_CA_BUNDLE=str(backend.tls.ca_path))
+    env = child_env(ODATA_AUTH_PROXY_CA_BUNDLE=str(backend.tls.ca_path))
     args = ("run", "--service-key", str(key), "--listen", f"0.0.0.0:{port}", "--allow-remote")
     async with proxy_process(tmp_path, *args, port=port, env=env) as running:
         code, _ = await running.stop()
@@ -341,7 +324,7 @@ async def test_run_with_config_curl_banner_and_sigterm(tmp_path: Path, backend: 
 
 async def test_run_from_environment_only_logs_json(tmp_path: Path, backend: Backend) -> None:
     port = free_port()
-    env = cli_env(
+    env = child_env(
         ODATA_AUTH_PROXY_SERVICE_KEY_JSON=json.dumps(service_key(backend)),
         ODATA_AUTH_PROXY_LISTEN=f"127.0.0.1:{port}",
         ODATA_AUTH_PROXY_CA_BUNDLE=str(backend.tls.ca_path),

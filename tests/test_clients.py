@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -56,12 +57,6 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 _NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -95,7 +90,7 @@ def _wait_ready(process: subprocess.Popen[bytes], base: str, log: Path) -> None:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``python -m proxy demo`` on a free loopback port; yields ``http://127.0.0.1:PORT``."""
     log = tmp_path_factory.mktemp("demo") / "demo.log"
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import io
 import os
-import socket
 import ssl
 import sys
 import time
@@ -24,7 +23,7 @@ from aiohttp import web
 from proxy.config import Config, ConfigError, Overrides, Route, load_config
 from proxy.doctor import check_probe, cmd_check, probe_url, run_checks
 from proxy.redact import fingerprint
-from tests.conftest import Backend, make_config, secret_route, serve, write_yaml
+from tests.conftest import Backend, free_port, make_config, secret_route, serve, write_yaml
 
 FAST = {"connect": 3, "token": 5}
 
@@ -46,12 +45,6 @@ def line_of(output: str, mark: str, step: str) -> str:
 def steps(output: str) -> list[str]:
     """The step names of the checklist lines, in order."""
     return [line.split()[1] for line in output.splitlines() if line.startswith("  [")]
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------------- secrets
@@ -120,7 +113,7 @@ async def test_bad_secret_shows_invalid_client_in_the_servers_words(tmp_path: Pa
 
 
 async def test_dead_token_port_names_host_and_port(tmp_path: Path, backend: Backend) -> None:
-    port = closed_port()
+    port = free_port()
     route = secret_route(backend)
     route["credentials"]["token_url"] = f"https://127.0.0.1:{port}/oauth/token"
     passed, output = await check(make_config(tmp_path, backend, [route], timeouts=FAST))
@@ -199,7 +192,7 @@ async def test_slow_servers_time_out_instead_of_hanging(tmp_path: Path, backend:
 
 
 async def test_offline_needs_no_servers(tmp_path: Path) -> None:
-    port = closed_port()
+    port = free_port()
     data = {
         "routes": [
             {

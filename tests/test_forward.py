@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -25,7 +24,17 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from tests.conftest import Backend, RunningProxy, make_config, running_proxy, secret_route, serve, write_yaml
+from tests.conftest import (
+    Backend,
+    RunningProxy,
+    child_env,
+    free_port,
+    make_config,
+    running_proxy,
+    secret_route,
+    serve,
+    write_yaml,
+)
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -108,12 +117,6 @@ async def raw_exchange(port: int, data: bytes, *, head: bool = False) -> RawResp
 
 def proxy_port(proxy: RunningProxy) -> int:
     return proxy.server.port
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def fingerprint(token: str) -> str:
@@ -774,10 +777,6 @@ class RssSampler:
         self.peak = max(self.peak, rss_bytes(self.pid))
 
 
-def subprocess_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("ODATA_AUTH_PROXY_")}
-
-
 @contextlib.asynccontextmanager
 async def proxy_subprocess(config_path: Path, port: int, log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     with open(log_path, "wb") as log_file:
@@ -790,7 +789,7 @@ async def proxy_subprocess(config_path: Path, port: int, log_path: Path) -> Asyn
             str(config_path),
             stdout=log_file,
             stderr=log_file,
-            env=subprocess_env(),
+            env=child_env(),
         )
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:

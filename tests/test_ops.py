@@ -17,7 +17,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,28 +36,23 @@ from proxy.config import ENV_PREFIX, ConfigError, Overrides, load_config, overri
 from proxy.guard import listen_address_problem
 from proxy.metrics import ProxyMetrics
 from proxy.server import ProxyServer
-from tests.conftest import CLIENT_SECRET, Backend, make_config, running_proxy, secret_route, write_yaml
+from tests.conftest import (
+    BIN,
+    CLIENT_SECRET,
+    PROXY_VARS,
+    Backend,
+    child_env,
+    free_port,
+    make_config,
+    running_proxy,
+    secret_route,
+    write_yaml,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-PROXY_VARS = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ws_proxy", "wss_proxy")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment without ODATA_AUTH_PROXY_* and without any *_proxy / *_PROXY variable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX) and k.lower() not in PROXY_VARS}
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
 
 
 @dataclass

@@ -19,10 +19,8 @@ import base64
 import contextlib
 import json
 import logging
-import os
 import re
 import signal
-import socket
 import ssl
 import sys
 import traceback
@@ -44,7 +42,17 @@ from proxy.config import ConfigError, Overrides, load_config
 from proxy.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter
 from proxy.redact import fingerprint
 from proxy.tokens import TokenError
-from tests.conftest import CLIENT_SECRET, Backend, Tls, TokenServer, running_proxy, serve, write_yaml
+from tests.conftest import (
+    CLIENT_SECRET,
+    Backend,
+    Tls,
+    TokenServer,
+    child_env,
+    free_port,
+    running_proxy,
+    serve,
+    write_yaml,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "service-keys"
@@ -134,12 +142,6 @@ class World:
         return list(self.backend.tokens.issued) + list(self.token500.issued)
 
 
-def closed_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def mtls_server_context(tls: Tls) -> ssl.SSLContext:
     """An HTTPS server the proxy trusts, which demands a client certificate from a CA nobody uses: mTLS fails."""
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -199,7 +201,7 @@ async def world(tmp_path: Path, backend: Backend, tls: Tls) -> AsyncIterator[Wor
             route("ok", token_url, client_secret=CLIENT_SECRET),
             route("wrong", token_url, client_secret=WRONG_SECRET),
             route("t500", token500.url + "/oauth/token", client_secret=CLIENT_SECRET),
-            route("down", f"https://127.0.0.1:{closed_port()}/oauth/token", client_secret=CLIENT_SECRET),
+            route("down", f"https://127.0.0.1:{free_port()}/oauth/token", client_secret=CLIENT_SECRET),
             route("basic", token_url, client_secret=CLIENT_SECRET, client_auth="basic"),
             route("mtls", mtls.url + "/oauth/token", **cert),
             route("cert", token_url, **cert),
@@ -394,16 +396,6 @@ async def test_in_process_output_holds_no_secrets(world: World, caplog: pytest.L
 # subprocess
 
 
-def subprocess_env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("ODATA_AUTH_PROXY_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 @contextlib.asynccontextmanager
 async def proxy_process(*args: str) -> AsyncIterator[tuple[str, list[bytes], list[bytes], list[int]]]:
     """Run ``python -m proxy run ARGS``; yields (base URL, stdout chunks, stderr chunks, [exit code])."""
@@ -415,7 +407,7 @@ async def proxy_process(*args: str) -> AsyncIterator[tuple[str, list[bytes], lis
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
+        env=child_env(),
         cwd=str(PROJECT_ROOT),
     )
     stdout: list[bytes] = []
@@ -497,7 +489,7 @@ async def test_subprocess_certificate_errors_hold_no_key(world: World, tmp_path:
         "-v",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=subprocess_env(),
+        env=child_env(),
         cwd=str(PROJECT_ROOT),
     )
     out, err = await asyncio.wait_for(process.communicate(), 15)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -26,7 +24,16 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.config import DEFAULT_LISTEN, Config, Overrides, load_config
-from tests.conftest import Backend, RunningProxy, make_config, running_proxy, secret_route, write_yaml
+from tests.conftest import (
+    Backend,
+    RunningProxy,
+    child_env,
+    free_port,
+    make_config,
+    running_proxy,
+    secret_route,
+    write_yaml,
+)
 
 API_KEY = "e2e-inbound-key-5f1c7a9b3d2e4f60"
 ALLOWED_ORIGIN = "http://localhost:3000"
@@ -155,19 +162,6 @@ async def wait_ready(proxy: RunningProxy) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("proxy never became ready")
-
-
-def subprocess_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ODATA_AUTH_PROXY_")}
-    env["PYTHONPATH"] = str(PROJECT_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(extra)
-    return env
-
-
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def listening_addresses(port: int) -> list[str] | None:
@@ -511,7 +505,7 @@ async def run_cli(*args: str, env: dict[str, str], timeout: float = 15) -> tuple
 
 async def test_cli_refuses_network_listen_without_guard(tmp_path: Path, backend: Backend) -> None:
     config = proxy_config_file(tmp_path, backend)
-    port = free_loopback_port()
+    port = free_port()
     remote_config = proxy_config_file(tmp_path, backend, "remote.yaml", listen=f"0.0.0.0:{port}")
     attempts = [
         (["run", "--config", str(config), "--listen", f"0.0.0.0:{port}"], {}, "0.0.0.0 (all network interfaces)"),
@@ -519,7 +513,7 @@ async def test_cli_refuses_network_listen_without_guard(tmp_path: Path, backend:
         (["run", "--config", str(config)], {"ODATA_AUTH_PROXY_LISTEN": f"0.0.0.0:{port}"}, "0.0.0.0"),
         (["run", "--config", str(remote_config)], {}, "0.0.0.0"),
     ]
-    results = await asyncio.gather(*(run_cli(*args, env=subprocess_env(**extra)) for args, extra, _ in attempts))
+    results = await asyncio.gather(*(run_cli(*args, env=child_env(**extra)) for args, extra, _ in attempts))
     for (args, _, shown), (code, output) in zip(attempts, results, strict=True):
         assert code == 2, (args, code, output)
         assert "Refusing to listen on" in output and shown in output, output
@@ -531,7 +525,7 @@ async def test_cli_refuses_network_listen_without_guard(tmp_path: Path, backend:
 
 async def test_cli_network_listen_with_api_key_starts(tmp_path: Path, backend: Backend) -> None:
     config = proxy_config_file(tmp_path, backend)
-    port = free_loopback_port()
+    port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -543,7 +537,7 @@ async def test_cli_network_listen_with_api_key_starts(tmp_path: Path, backend: B
         f"0.0.0.0:{port}",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
-        env=subprocess_env(ODATA_AUTH_PROXY_INBOUND_API_KEY=API_KEY),
+        env=child_env(ODATA_AUTH_PROXY_INBOUND_API_KEY=API_KEY),
         cwd=str(PROJECT_ROOT),
     )
     assert process.stdout is not None

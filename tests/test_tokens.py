@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from proxy.app import prepare
 from proxy.redact import Secret
 from proxy.tokens import ClientCredentialsSource, Token, TokenError, TokenManager
-from tests.conftest import Backend, make_config, running_proxy, secret_route
+from tests.conftest import Backend, free_port, make_config, running_proxy, secret_route
 
 
 def manager_for(tmp_path: Path, backend: Backend, session: aiohttp.ClientSession, **cred: str) -> TokenManager:
@@ -144,15 +143,9 @@ async def test_invalid_client_fails_fast_with_server_words_and_no_hammering(
     assert CLIENT_SECRET not in str(results)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_unreachable_token_server_503(tmp_path: Path, backend: Backend) -> None:
     route = secret_route(backend)
-    route["credentials"]["token_url"] = f"https://127.0.0.1:{_closed_port()}/oauth/token"
+    route["credentials"]["token_url"] = f"https://127.0.0.1:{free_port()}/oauth/token"
     async with running_proxy(make_config(tmp_path, backend, [route])) as proxy, aiohttp.ClientSession() as client:
         started = time.perf_counter()
         async with client.get(proxy.url + "/api/v1/echo") as resp:
