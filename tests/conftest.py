@@ -85,7 +85,7 @@ class TokenServer:
 
     client_id: str = CLIENT_ID
     client_secret: str = CLIENT_SECRET
-    auth_mode: str = "post"  # post | basic | basic-encoded | cert (client id in the form, identity from TLS)
+    auth_mode: str = "post"  # post | basic | basic-encoded | cert (client id in the form, identity from TLS) | any
     lifetime: float = 3600
     fail: str | None = None  # None | "invalid_client" | "500" | "html" | "hang"
     delay: float = 0.0
@@ -98,6 +98,8 @@ class TokenServer:
 
     def _authenticated(self, request: web.Request, form: dict[str, str]) -> bool:
         header = request.headers.get("Authorization", "")
+        if self.auth_mode == "any":  # post with the secret, or a certificate server's client id alone
+            return form.get("client_id") == self.client_id and form.get("client_secret") in (None, self.client_secret)
         if self.auth_mode == "post":
             return (
                 not header
@@ -278,6 +280,31 @@ async def backend(tls: Tls) -> AsyncIterator[Backend]:
     finally:
         await up_runner.cleanup()
         await token_runner.cleanup()
+
+
+@asynccontextmanager
+async def mtls_token_server(backend: Backend, trusted: trustme.CA, seen: list[str]) -> AsyncIterator[str]:
+    """An HTTPS token endpoint that requires a client certificate issued under ``trusted``; records the
+    certificate's common name in ``seen`` and checks the form like SAP does (client id, no secret)."""
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    backend.tls.ca.issue_cert("127.0.0.1").configure_cert(ctx)
+    trusted.configure_trust(ctx)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    backend.tokens.auth_mode = "cert"
+
+    async def token(request: web.Request) -> web.StreamResponse:
+        assert request.transport is not None
+        peer = request.transport.get_extra_info("peercert")
+        seen.append(dict(kv for rdn in peer["subject"] for kv in rdn)["commonName"])
+        return await backend.tokens.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/oauth/token", token)
+    runner, url = await serve(app, ctx)
+    try:
+        yield url + "/oauth/token"
+    finally:
+        await runner.cleanup()
 
 
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:

@@ -7,23 +7,19 @@ import argparse
 import asyncio
 import io
 import os
-import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trustme
-from aiohttp import web
 
 from proxy.config import Config, ConfigError, Overrides, Route, load_config
 from proxy.doctor import check_probe, cmd_check, probe_url, run_checks
 from proxy.redact import fingerprint
-from tests.conftest import Backend, free_port, make_config, secret_route, serve, write_yaml
+from tests.conftest import Backend, free_port, make_config, mtls_token_server, secret_route, serve, write_yaml
 
 FAST = {"connect": 3, "token": 5}
 
@@ -290,30 +286,6 @@ def pki() -> Pki:
     leaf = intermediate.issue_cert("client.example.invalid", common_name="test-client")
     other = intermediate.issue_cert("other.example.invalid", common_name="other-client")
     return Pki(root, leaf, other)
-
-
-@asynccontextmanager
-async def mtls_token_server(backend: Backend, trusted: trustme.CA, seen: list[str]) -> AsyncIterator[str]:
-    """HTTPS token endpoint that requires a client certificate issued under ``trusted``."""
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    backend.tls.ca.issue_cert("127.0.0.1").configure_cert(ctx)
-    trusted.configure_trust(ctx)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    backend.tokens.auth_mode = "cert"  # client id in the form, no secret
-
-    async def token(request: web.Request) -> web.StreamResponse:
-        assert request.transport is not None
-        peer = request.transport.get_extra_info("peercert")
-        seen.append(dict(kv for rdn in peer["subject"] for kv in rdn)["commonName"])
-        return await backend.tokens.handle(request)
-
-    app = web.Application()
-    app.router.add_post("/oauth/token", token)
-    runner, url = await serve(app, ctx)
-    try:
-        yield url + "/oauth/token"
-    finally:
-        await runner.cleanup()
 
 
 def cert_route(backend: Backend, tmp_path: Path, token_url: str, cert_pem: str, key_pem: str) -> dict[str, Any]:
