@@ -116,6 +116,20 @@ def narrow_accept_encoding(headers: CIMultiDict[str]) -> None:
         headers.popall("Accept-Encoding")
 
 
+def proxy_base_url(request: web.Request) -> str:
+    """``scheme://host[:port]`` as the client addressed the proxy (the guard has vetted the Host header).
+
+    Not ``request.host``: without a Host header (HTTP/1.0) aiohttp falls back to ``socket.getfqdn()``, a
+    blocking DNS lookup on the event loop; the socket's own address is what the client connected to.
+    """
+    host = request.headers.get("Host")
+    if not host:
+        sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+        address, port = (sockname[0], sockname[1]) if sockname else ("127.0.0.1", 80)
+        host = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+    return f"{request.scheme}://{host}"
+
+
 class BodyTooLarge(Exception):
     pass
 
@@ -268,7 +282,7 @@ class Forwarder:
             headers["X-Request-Id"] = record.request_id
         if body.length is not None and body.stream is not None:
             headers["Content-Length"] = str(body.length)
-        proxy_base = f"{request.scheme}://{request.host}"
+        proxy_base = proxy_base_url(request)
         if route.rewrite_links:
             narrow_accept_encoding(headers)
         if route.rewrite_links and body.data and should_rewrite(request.content_type, None):

@@ -888,3 +888,13 @@ async def test_streaming_large_bodies_in_constant_memory(tmp_path: Path, backend
         f"peak growth {(download_rss.peak - baseline) >> 20} / {(upload_rss.peak - baseline) >> 20} MiB"
     )
     assert timings["total"] < 60, timings
+
+
+async def test_http10_without_host_gets_links_for_the_socket_address(proxy: RunningProxy) -> None:
+    port = proxy_port(proxy)
+    async with raw_connection(port) as (reader, writer):
+        writer.write(b"GET /api/v1/redirect HTTP/1.0\r\n\r\n")
+        await writer.drain()
+        head = (await asyncio.wait_for(reader.read(65536), 5)).decode("latin-1")
+    assert head.startswith("HTTP/1.0 302") or head.startswith("HTTP/1.1 302"), head
+    assert f"Location: http://127.0.0.1:{port}/api/v1/target?x=1" in head
