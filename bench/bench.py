@@ -7,9 +7,9 @@ Everything runs on loopback in one go (see README.md in this folder):
   file and an upload location that streams into a sink which reads every byte;
 * a token server (``backend.py``) that counts token requests and validates tokens for the "strict"
   upstream used by the token-rotation pass;
-* the four ways to reach the upstream: ``direct`` (wrk/curl → nginx over HTTPS with the token header),
-  ``proxy`` (odata-auth-proxy), ``nginx`` (an nginx reverse proxy injecting a static token) and ``naive``
-  (``naive_proxy.py``).
+* the five ways to reach the upstream: ``direct`` (wrk/curl → nginx over HTTPS with the token header),
+  ``proxy`` (odata-auth-proxy), ``proxy-w2`` (odata-auth-proxy ``--workers 2``: one shared token),
+  ``nginx`` (an nginx reverse proxy injecting a static token) and ``naive`` (``naive_proxy.py``).
 
 Run it through ``bench/run`` (installs nginx, wrk and the venv); ``bench/run --help`` for options.
 """
@@ -48,14 +48,22 @@ SMALL_PATH = "/api/v1/IntegrationPackages?$format=json"
 LARGE_PATH = "/api/v1/large"
 UPLOAD_PATH = "/upload"
 
-TARGETS = ("direct", "proxy", "nginx", "naive")
+TARGETS = ("direct", "proxy", "proxy-w2", "nginx", "naive")
+PROXIES = ("proxy", "proxy-w2")  # the odata-auth-proxy instances (each fetches its own token)
 TARGET_LABEL = {
     "direct": "direct",
     "proxy": "odata-auth-proxy",
+    "proxy-w2": "odata-auth-proxy, 2 workers",
     "nginx": "nginx proxy",
     "naive": "naive aiohttp",
 }
-TARGET_ALIASES = {"odata-auth-proxy": "proxy", "odata": "proxy", "nginx-proxy": "nginx"}
+TARGET_ALIASES = {
+    "odata-auth-proxy": "proxy",
+    "odata": "proxy",
+    "nginx-proxy": "nginx",
+    "w2": "proxy-w2",
+    "workers": "proxy-w2",
+}
 TESTS = ("get", "download", "upload", "rotation")
 TEST_ALIASES = {"small": "get", "tokens": "rotation", "token": "rotation"}
 
@@ -542,7 +550,7 @@ class Bench:
     def setup(self) -> None:
         a = self.args
         tmp = self.tmp
-        names = ["upstream", "strict", "token", "sink", "proxy", "nginx", "naive", "rotation"]
+        names = ["upstream", "strict", "token", "sink", "proxy", "proxy-w2", "nginx", "naive", "rotation"]
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         log(f"work dir {tmp}; ports {self.ports}")
         self.certs = make_certs(tmp)
@@ -608,6 +616,13 @@ class Bench:
             self.targets["proxy"] = Target(
                 "proxy", f"http://127.0.0.1:{self.ports['proxy']}", rss_pids=[proc.pid], proc=proc
             )
+        if "proxy-w2" in selected:
+            port = self.ports["proxy-w2"]
+            proc = self.start_proxy("proxy-w2", port, self.ports["upstream"], ["--workers", "2"])
+            # the supervisor (token broker) and its two workers: memory is counted for all three
+            self.targets["proxy-w2"] = Target(
+                "proxy-w2", f"http://127.0.0.1:{port}", rss_pids=[proc.pid, *children_of(proc.pid)], proc=proc
+            )
         if "nginx" in selected:
             conf = tmp / "nginx-proxy.conf"
             conf.write_text(reverse_proxy_conf(tmp, self.ports, self.certs))
@@ -656,12 +671,23 @@ class Bench:
     def token_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.ports['token']}{path}"
 
-    def start_proxy(self, name: str, port: int, upstream_port: int) -> subprocess.Popen[bytes]:
+    def start_proxy(
+        self, name: str, port: int, upstream_port: int, extra: tuple[str, ...] | list[str] = ()
+    ) -> subprocess.Popen[bytes]:
         config = proxy_yaml(self.tmp, name, upstream_port, self.ports["token"], self.certs)
         log_path = self.tmp / f"{name}.log"
         cmd = [str(VENV_BIN / "odata-auth-proxy"), "run", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
-        proc = self.procs.start(name, cmd, log_path)
+        proc = self.procs.start(name, cmd + list(extra), log_path)
         wait_http_ok(f"http://127.0.0.1:{port}/-/readyz", proc, f"odata-auth-proxy ({name})", log_path)
+        if "--workers" in extra:
+            # readyz answers as soon as one worker is up: wait until each has its token from the broker
+            # ("worker N: route bench: token fp … obtained")
+            workers = int(list(extra)[list(extra).index("--workers") + 1])
+            deadline = time.monotonic() + 20
+            while not all(f"worker {i}: route bench: token" in log_path.read_text() for i in range(1, workers + 1)):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"odata-auth-proxy ({name}): workers did not start; log:\n{tail(log_path)}")
+                time.sleep(0.1)
         m = re.search(r"event loop: (\w+)", log_path.read_text(errors="replace"))
         if m:
             self.event_loop = m.group(1)
@@ -1061,6 +1087,25 @@ def report(bench: Bench) -> str:
             "queueing (≈ connections / throughput); the 1-connection rows show the unloaded per-request cost.",
             "",
         ]
+        pairs = [(c, g.get(("proxy", c)), g.get(("proxy-w2", c))) for c in a.connections]
+        if any(one and two for _, one, two in pairs):
+            out += [
+                "### odata-auth-proxy: one process vs `--workers 2`",
+                "",
+                "Same config; with `--workers 2` a supervisor fetches the token once and shares it with two worker "
+                "processes on one port (SO_REUSEPORT). wrk, the upstream nginx and the proxy share the same "
+                f"{os.cpu_count()} CPUs, so a second worker can only use what they leave.",
+                "",
+                "| conns | 1 process req/s | 2 workers req/s | × 1 process | p99 ms (1 → 2) |",
+                "| ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for conns, one, two in pairs:
+                if one and two:
+                    out.append(
+                        f"| {conns} | {one.rps:,.0f} | {two.rps:,.0f} | {fmt_ratio(two.rps, one.rps)} | "
+                        f"{one.p99:.2f} → {two.p99:.2f} |"
+                    )
+            out.append("")
 
     def transfer_table(title: str, results: dict[str, Transfer]) -> None:
         if not results:
@@ -1094,7 +1139,9 @@ def report(bench: Bench) -> str:
         out += [
             "## Token requests",
             "",
-            f"Token requests by the main odata-auth-proxy instance during the whole run (1-hour tokens): "
+            f"Token requests by the odata-auth-proxy instance(s) of the main passes "
+            f"({', '.join(n for n in PROXIES if n in bench.targets)}; 1-hour tokens, so one per "
+            f"instance, also with several workers) during the whole run: "
             f"**{bench.token_requests_main}**"
             + (
                 f"; plus {bench.rotation['tokens']} by the rotation-pass instance (5-s tokens), "
@@ -1188,16 +1235,17 @@ def goals(bench: Bench) -> list[str]:
     parts = []
     measured = False
     for (name, conns), r in g.items():
-        if name == "proxy":
+        if name in PROXIES:
             measured = True
             failed += r.failures
-            parts.append(f"GET c={conns}: {r.failures}")
+            parts.append(f"GET{' (2 workers)' if name == 'proxy-w2' else ''} c={conns}: {r.failures}")
     for label, results in (("download", bench.downloads), ("upload", bench.uploads)):
-        t = results.get("proxy")
-        if t is not None:
-            measured = True
-            failed += 0 if t.ok else 1
-            parts.append(f"{label}: {0 if t.ok else 1}")
+        for name in PROXIES:
+            t = results.get(name)
+            if t is not None:
+                measured = True
+                failed += 0 if t.ok else 1
+                parts.append(f"{label}{' (2 workers)' if name == 'proxy-w2' else ''}: {0 if t.ok else 1}")
     rot = bench.rotation
     if rot:
         measured = True
@@ -1314,7 +1362,7 @@ def main(argv: list[str] | None = None) -> int:
         if "get" in args.tests:
             bench.run_gets()
         bench.run_transfers()
-        if "proxy" in bench.targets:
+        if any(name in bench.targets for name in PROXIES):
             bench.token_requests_main = http_json(bench.token_url("/stats"))["token_requests"]
         if "rotation" in args.tests:
             bench.run_rotation()

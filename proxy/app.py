@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from proxy.certificates import CertificateError, ClientIdentity, key_file_permission_warning, load_client_identity
-from proxy.config import Config, ConfigError
+from proxy.config import Config, ConfigError, Route
 from proxy.credentials import Credentials
 from proxy.exchange import EXCHANGE, Exchange, exchange_of
 from proxy.forward import CLIENT_DISCONNECTED, Forwarder, ForwardSettings, json_error
@@ -33,7 +33,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.outbound import OutboundProxies
 from proxy.router import Router
 from proxy.tls import TlsConfigError, client_ssl_context
-from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager
+from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager, TokenSource
 
 log = logging.getLogger("odata_auth_proxy")
 access_log = logging.getLogger(ACCESS_LOGGER)
@@ -95,11 +95,20 @@ def prepare(config: Config) -> Prepared:
 
 # --------------------------------------------------------------------------- runtime (async resources)
 
+# Where a worker process's token managers fetch from instead of the token server (``proxy.workers``).
+TokenSourceFactory = Callable[[Route, PreparedCredential], TokenSource]
+
 
 class Runtime:
-    """Sessions, token managers, router and forwarder for one version of the configuration."""
+    """Sessions, token managers, router and forwarder for one version of the configuration.
 
-    def __init__(self, prepared: Prepared, metrics: ProxyMetrics) -> None:
+    ``token_sources``, when given, makes each manager's source (a worker's broker client); the token fetch
+    metrics are then left to whoever really asks the token server (the broker).
+    """
+
+    def __init__(
+        self, prepared: Prepared, metrics: ProxyMetrics, token_sources: TokenSourceFactory | None = None
+    ) -> None:
         config = prepared.config
         self.prepared = prepared
         self.config = config
@@ -139,20 +148,28 @@ class Runtime:
             manager = shared.get(creds)
             if manager is None:
                 cred = prepared.credentials[creds]
-                source = ClientCredentialsSource(
-                    creds,
-                    self.token_session,
-                    cred.ssl_context,
-                    timeout=timeouts.token,
-                    connect_timeout=timeouts.connect,
-                    proxy=self.proxies.for_url(creds.token_url),
-                )
-                route_name = route.name
+                source: TokenSource
+                observer = None
+                if token_sources is not None:
+                    source = token_sources(route, cred)
+                else:
+                    source = ClientCredentialsSource(
+                        creds,
+                        self.token_session,
+                        cred.ssl_context,
+                        timeout=timeouts.token,
+                        connect_timeout=timeouts.connect,
+                        proxy=self.proxies.for_url(creds.token_url),
+                    )
+                    route_name = route.name
 
-                def observe(outcome: str, seconds: float, name: str = route_name) -> None:
-                    metrics.token_fetch(name, outcome, seconds)
+                    def observe(outcome: str, seconds: float, name: str = route_name) -> None:
+                        metrics.token_fetch(name, outcome, seconds)
 
-                manager = TokenManager(source, route.name, observer=FetchObserver(on_fetch=observe))
+                    observer = FetchObserver(on_fetch=observe)
+                # a broker source retries the (local, cheap) broker on its own short schedule: the broker already
+                # backs off from the token server, and a long second backoff here would only delay recovery
+                manager = TokenManager(source, route.name, observer=observer, backoff=getattr(source, "backoff", None))
                 shared[creds] = manager
                 if cred.identity is not None:
                     metrics.set_certificate_expiry(route.name, cred.identity.not_after_timestamp)
@@ -210,10 +227,12 @@ PREPARED_KEY = web.AppKey("prepared", Prepared)
 METRICS_KEY = web.AppKey("metrics", ProxyMetrics)
 STATE_KEY = web.AppKey("state", ProxyState)
 GUARD_KEY = web.AppKey("guard", GuardHolder)
+TOKEN_SOURCES_KEY: web.AppKey[TokenSourceFactory] = web.AppKey("token_sources")
 
 
 async def _runtime_ctx(app: web.Application) -> AsyncIterator[None]:
-    state = ProxyState(runtime=Runtime(app[PREPARED_KEY], app[METRICS_KEY]), metrics=app[METRICS_KEY])
+    runtime = Runtime(app[PREPARED_KEY], app[METRICS_KEY], app.get(TOKEN_SOURCES_KEY))
+    state = ProxyState(runtime=runtime, metrics=app[METRICS_KEY])
     state.runtime.start()
     app[STATE_KEY] = state
     yield
@@ -285,8 +304,10 @@ async def metrics_handler(request: web.Request) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def observe_middleware(initial: Config) -> Middleware:
-    """Request id, access log line and request metrics; the one place that times a request."""
+def observe_middleware(initial: Config, worker: int | None = None) -> Middleware:
+    """Request id, access log line and request metrics; the one place that times a request.
+
+    ``worker``: this process's number when several serve the port (``workers`` > 1), for the access log."""
 
     # request ids: a random per-process prefix and a counter, unique and far cheaper than uuid4 per request
     id_prefix = secrets.token_hex(6)
@@ -339,6 +360,9 @@ def observe_middleware(initial: Config) -> Middleware:
                     token_fp=record.token_fp,
                     request_id=request_id,
                 )
+                if worker is not None:  # only with several worker processes
+                    fields["worker"] = worker
+                    message += f" worker={worker}"
                 level = logging.DEBUG if request.path.startswith("/-/") else logging.INFO
                 if access_log.isEnabledFor(level):
                     log_event(access_log, level, message, **fields)
@@ -372,10 +396,16 @@ def guard_settings(config: Config) -> GuardSettings:
     )
 
 
-def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Application:
+def build_app(
+    prepared: Prepared,
+    metrics: ProxyMetrics | None = None,
+    *,
+    token_sources: TokenSourceFactory | None = None,
+    worker: int | None = None,
+) -> web.Application:
     config = prepared.config
     app = web.Application(
-        middlewares=[observe_middleware(config)],
+        middlewares=[observe_middleware(config, worker)],
         client_max_size=0,
         handler_args={
             "max_line_size": config.limits.max_header_size,
@@ -387,6 +417,8 @@ def build_app(prepared: Prepared, metrics: ProxyMetrics | None = None) -> web.Ap
     app[GUARD_KEY] = install_guard(app, guard_settings(config))  # inside observe: refusals are logged too
     app[PREPARED_KEY] = prepared
     app[METRICS_KEY] = metrics or ProxyMetrics()
+    if token_sources is not None:
+        app[TOKEN_SOURCES_KEY] = token_sources
     app.cleanup_ctx.append(_runtime_ctx)
     app.on_response_prepare.append(_add_request_id)
     if config.admin_listen is None:

@@ -28,6 +28,7 @@ RUN_EXAMPLES = """examples:
   odata-auth-proxy run --service-key cert-key.json                      # SAP-generated certificate key
   odata-auth-proxy run --service-key ext-key.json --key client.key      # External Certificate key
   odata-auth-proxy run --config proxy.yaml --listen 127.0.0.1:9090 -v
+  odata-auth-proxy run --config proxy.yaml --workers 2                  # 2 processes, one shared token
 """
 
 
@@ -85,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common_source_flags(run)
     _server_flags(run)
+    run.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="serving processes (default 1); N > 1 shares one token among them (env ODATA_AUTH_PROXY_WORKERS)",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -195,6 +202,7 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
         verbose=get("verbose"),
         shutdown_timeout=get("shutdown_timeout"),
         client_auth=get("client_auth"),
+        workers=get("workers"),
     )
 
 
@@ -269,6 +277,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     def reload() -> Any:
         return prepare(_checked_config(overrides))
 
+    if config.workers > 1:
+        from proxy.workers import run_workers
+
+        return run_workers(prepared, overrides, reload)
     return run_async(_serve(prepared, reload))
 
 

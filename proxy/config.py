@@ -76,6 +76,7 @@ class Config:
     log_query: bool = True
     access_log: bool = True
     shutdown_timeout: float = 30.0
+    workers: int = 1  # serving processes; > 1: a supervisor + token broker and this many workers
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     source: str | None = None  # the config file, when there was one
@@ -101,6 +102,7 @@ class Overrides:
     verbose: bool | None = None
     shutdown_timeout: float | None = None
     client_auth: str | None = None
+    workers: int | None = None
 
 
 def overrides_from_env(env: Mapping[str, str]) -> Overrides:
@@ -112,6 +114,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
 
     allow_remote = get("ALLOW_REMOTE")
     timeout = get("SHUTDOWN_TIMEOUT")
+    workers = get("WORKERS")
     return Overrides(
         config=get("CONFIG"),
         service_key=get("SERVICE_KEY"),
@@ -128,6 +131,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
         log_format=get("LOG_FORMAT"),
         shutdown_timeout=_env_float(timeout, ENV_PREFIX + "SHUTDOWN_TIMEOUT") if timeout else None,
         client_auth=get("CLIENT_AUTH"),
+        workers=check_workers(_env_int(workers, ENV_PREFIX + "WORKERS"), ENV_PREFIX + "WORKERS") if workers else None,
     )
 
 
@@ -161,6 +165,19 @@ def _env_float(value: str, name: str) -> float:
     if number < 0:
         raise ConfigError(f"{name}: must be at least 0, got {value!r}")
     return number
+
+
+def _env_int(value: str, name: str) -> int:
+    try:
+        return int(value.strip())
+    except ValueError:
+        raise ConfigError(f"{name}: expected a whole number, got {value!r}") from None
+
+
+def check_workers(value: int, where: str) -> int:
+    if value < 1:
+        raise ConfigError(f"{where}: must be at least 1 (one serving process), got {value}")
+    return value
 
 
 def _or_default(value: float | None, default: float) -> float:
@@ -402,6 +419,7 @@ _TOP_KEYS = {
     "access_log",
     "verbose",
     "shutdown_timeout",
+    "workers",
     "timeouts",
     "limits",
 }
@@ -475,6 +493,7 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
     shutdown = ov.shutdown_timeout
     if shutdown is None:
         shutdown = top.get_number("shutdown_timeout", 0)
+    workers = _workers(top, ov)
     verbose = ov.verbose if ov.verbose else bool(top.get_bool("verbose"))
     allow_remote = ov.allow_remote if ov.allow_remote is not None else bool(top.get_bool("allow_remote"))
     return Config(
@@ -494,10 +513,27 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
         log_query=top.get_bool("log_query") is not False,
         access_log=top.get_bool("access_log") is not False,
         shutdown_timeout=30.0 if shutdown is None else shutdown,
+        workers=workers,
         timeouts=timeouts,
         limits=limits,
         source=source,
     )
+
+
+def _workers(top: _Section, ov: Overrides) -> int:
+    """flag --workers > ODATA_AUTH_PROXY_WORKERS > workers: in the file; each error names where it came from."""
+    if ov.workers is not None:
+        return check_workers(ov.workers, "--workers")  # the environment's value was checked where it was read
+    value = top.data.get("workers")
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ConfigError(f"{top.where('workers')}: expected a whole number of processes")
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{top.where('workers')}: expected a whole number of processes, got {value!r}") from None
+    return check_workers(number, top.where("workers"))
 
 
 def _build_routes(

@@ -12,12 +12,22 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.app import GUARD_KEY, METRICS_KEY, STATE_KEY, Prepared, Runtime, build_admin_app, build_app, guard_settings
+from proxy.app import (
+    GUARD_KEY,
+    METRICS_KEY,
+    STATE_KEY,
+    Prepared,
+    Runtime,
+    TokenSourceFactory,
+    build_admin_app,
+    build_app,
+    guard_settings,
+)
 from proxy.config import Config, ConfigError
 from proxy.guard import listen_address_problem
 from proxy.logs import setup_logging
@@ -44,10 +54,28 @@ def bind_error(host: str, port: int, exc: OSError, what: str = "listen") -> Star
 
 
 class ProxyServer:
-    def __init__(self, prepared: Prepared, *, reload: Callable[[], Prepared] | None = None) -> None:
+    """One serving process. Alone it binds its own listeners; as one of several workers (``proxy.workers``)
+    it serves on sockets the supervisor bound (``socks``, ``admin_socks``), gets its tokens from the supervisor's
+    broker (``token_sources``), tags its access log with its number (``worker``) and leaves the "second signal
+    exits at once" to the supervisor (which then kills it)."""
+
+    def __init__(
+        self,
+        prepared: Prepared,
+        *,
+        reload: Callable[[], Prepared] | None = None,
+        socks: Sequence[socket.socket] = (),
+        admin_socks: Sequence[socket.socket] = (),
+        token_sources: TokenSourceFactory | None = None,
+        worker: int | None = None,
+    ) -> None:
         self.prepared = prepared
-        self.app = build_app(prepared)
+        self.app = build_app(prepared, token_sources=token_sources, worker=worker)
         self._reload = reload
+        self._socks = list(socks)
+        self._admin_socks = list(admin_socks)
+        self._token_sources = token_sources
+        self._worker = worker
         self._runner = web.AppRunner(
             self.app, access_log=None, handle_signals=False, shutdown_timeout=prepared.config.shutdown_timeout
         )
@@ -64,9 +92,14 @@ class ProxyServer:
     async def start(self) -> None:
         config = self.prepared.config
         await self._runner.setup()
-        site = web.TCPSite(self._runner, config.listen_host, config.listen_port, reuse_address=True, backlog=1024)
+        sites: list[web.BaseSite] = [web.SockSite(self._runner, sock) for sock in self._socks]
+        if not sites:
+            sites.append(
+                web.TCPSite(self._runner, config.listen_host, config.listen_port, reuse_address=True, backlog=1024)
+            )
         try:
-            await site.start()
+            for site in sites:
+                await site.start()
         except OSError as exc:
             await self._runner.cleanup()
             raise bind_error(config.listen_host, config.listen_port, exc) from None
@@ -75,8 +108,12 @@ class ProxyServer:
             host, port = config.admin_listen
             self._admin_runner = web.AppRunner(build_admin_app(self.app), access_log=None, handle_signals=False)
             await self._admin_runner.setup()
+            admin_sites: list[web.BaseSite] = [web.SockSite(self._admin_runner, s) for s in self._admin_socks]
+            if not admin_sites:
+                admin_sites.append(web.TCPSite(self._admin_runner, host, port, reuse_address=True))
             try:
-                await web.TCPSite(self._admin_runner, host, port, reuse_address=True).start()
+                for admin_site in admin_sites:
+                    await admin_site.start()
             except OSError as exc:
                 await self.stop()
                 raise bind_error(host, port, exc, "serve the admin endpoints") from None
@@ -95,6 +132,14 @@ class ProxyServer:
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
+        if self._worker is not None:
+            # a worker: the supervisor forwards the first signal (it may also arrive directly, e.g. from a
+            # Ctrl-C to the process group or systemd's KillMode=control-group); a second one is the
+            # supervisor's to act on, by killing the workers
+            if self._signals == 1:
+                log.info("%s received: draining", sig.name)  # the worker's log lines carry its number
+                self.request_stop()
+            return
         if self._signals > 1:
             log.warning("second %s: exiting now without waiting for in-flight requests", sig.name)
             os._exit(1)
@@ -138,7 +183,7 @@ class ProxyServer:
             if problem:
                 raise ConfigError(f"still listening on {running.listen_host}: {problem}")
             prepared = replace(prepared, config=_pinned(new, running))
-            runtime = Runtime(prepared, self.app[METRICS_KEY])
+            runtime = Runtime(prepared, self.app[METRICS_KEY], self._token_sources)
         except ConfigError as exc:
             log.error("reload failed, still serving with the previous configuration: %s", exc)
             return False
@@ -193,6 +238,7 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     TLS, timeouts, outbound proxy, the guard, logging). (The listen addresses are reported separately.)"""
     fixed: dict[str, Callable[[Config], object]] = {
         "shutdown_timeout": lambda c: c.shutdown_timeout,
+        "workers": lambda c: c.workers,
         "limits.max_header_size": lambda c: c.limits.max_header_size,
         "limits.max_headers": lambda c: c.limits.max_headers,
     }
@@ -208,6 +254,7 @@ def _pinned(new: Config, running: Config) -> Config:
         listen_port=running.listen_port,
         admin_listen=running.admin_listen,
         shutdown_timeout=running.shutdown_timeout,
+        workers=running.workers,
         limits=replace(
             new.limits, max_header_size=running.limits.max_header_size, max_headers=running.limits.max_headers
         ),

@@ -19,7 +19,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -116,6 +116,18 @@ class TokenError(Exception):
 
 
 # --------------------------------------------------------------------------- sources
+
+
+class TokenSource(Protocol):
+    """What a ``TokenManager`` fetches from: the token server itself (``ClientCredentialsSource``) or, in a
+    worker process, the supervisor's token broker (``proxy.workers.BrokerTokenSource``). A source may also
+    have ``rejected(token)``, called when the manager drops a token because an upstream answered 401 to it."""
+
+    @property
+    def token_url(self) -> str: ...
+
+    async def fetch(self) -> TokenResponse: ...
+
 
 _HINTS = {
     "invalid_client": "check the client id and secret (or certificate) of the service key; a deleted or "
@@ -379,7 +391,7 @@ class TokenManager:
 
     def __init__(
         self,
-        source: ClientCredentialsSource,
+        source: TokenSource,
         name: str,
         *,
         clock: Callable[[], float] = time.monotonic,
@@ -444,6 +456,9 @@ class TokenManager:
             return False
         log.info("route %s: upstream answered 401 with token fp %s; fetching a new one", self.name, token.fingerprint)
         self._current = None
+        rejected = getattr(self.source, "rejected", None)
+        if rejected is not None:
+            rejected(token)  # a broker source passes it on, so that one invalidation serves every worker
         return True
 
     async def get_after_invalidation(self) -> Token:
