@@ -35,6 +35,15 @@ from proxy.logs import setup_logging
 log = logging.getLogger("odata_auth_proxy")
 
 
+def install_lifecycle_signals(on_stop: Callable[[signal.Signals], None], on_reload: Callable[[], None]) -> None:
+    """SIGINT/SIGTERM → ``on_stop(signal)`` (drain), SIGHUP → ``on_reload()``, on the running loop."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop, sig)
+    if hasattr(signal, "SIGHUP"):
+        loop.add_signal_handler(signal.SIGHUP, on_reload)
+
+
 class StartupError(Exception):
     """Could not start serving (port in use, address not available): one actionable line."""
 
@@ -124,11 +133,7 @@ class ProxyServer:
         return self.addresses[0][1]
 
     def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        if hasattr(signal, "SIGHUP"):
-            loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        install_lifecycle_signals(self._on_stop_signal, self._on_reload_signal)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1

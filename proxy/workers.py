@@ -60,7 +60,7 @@ from proxy.guard import listen_address_problem
 from proxy.logs import ACCESS_LOGGER, setup_logging
 from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
-from proxy.server import ProxyServer, StartupError, bind_error
+from proxy.server import ProxyServer, StartupError, bind_error, install_lifecycle_signals
 from proxy.tokens import MAX_TOKEN_RESPONSE, Token, TokenError, TokenManager, TokenResponse
 
 log = logging.getLogger("odata_auth_proxy")
@@ -629,11 +629,7 @@ class Supervisor:
     # -- signals ------------------------------------------------------------------------------
 
     def _install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        if hasattr(signal, "SIGHUP"):
-            loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+        install_lifecycle_signals(self._on_stop_signal, self._on_reload_signal)
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
