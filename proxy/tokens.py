@@ -207,69 +207,44 @@ class ClientCredentialsSource:
                 body = await resp.content.read(MAX_TOKEN_RESPONSE)
                 status = resp.status
                 content_type = resp.content_type
-        except TimeoutError:
-            raise TokenError(
-                status=504,
-                error="timeout",
-                outcome="timeout",
-                detail=f"the token server did not answer within {self._timeout.total:g} s",
-                token_url=url,
-            ) from None
-        except aiohttp.ClientHttpProxyError as exc:
-            raise TokenError(
-                status=503,
-                error="proxy_error",
-                outcome="proxy",
-                detail=outbound_proxy_detail(exc, "the token server"),
-                token_url=url,
-            ) from None
-        except aiohttp.ClientConnectorCertificateError as exc:
-            raise TokenError(
-                status=503,
-                error="tls_error",
-                outcome="tls",
-                detail=f"the token server's TLS certificate is not trusted: {exc.certificate_error}; "
-                "if a corporate proxy inspects TLS, add its CA with --ca-bundle FILE",
-                token_url=url,
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise TokenError(
-                status=503,
-                error="tls_error",
-                outcome="tls",
-                detail=_tls_detail(exc, self.credentials.certificate is not None),
-                token_url=url,
-            ) from None
-        except aiohttp.ClientConnectorError as exc:
-            raise TokenError(
-                status=503,
-                error="unreachable",
-                outcome="network",
-                detail=f"cannot connect to the token server: {_describe(exc)}",
-                token_url=url,
-            ) from None
-        except (aiohttp.ClientConnectionError, OSError) as exc:
-            if self.credentials.certificate is not None:
-                # TLS 1.3: the server checks the client certificate after the handshake has "succeeded" on
-                # our side, so a refusal shows up as a reset/closed connection on the first read
-                raise TokenError(
-                    status=503,
-                    error="tls_error",
-                    outcome="tls",
-                    detail="the token server closed the connection right after the TLS handshake "
-                    f"({_describe(exc)}): with a client certificate this usually means it rejected the "
-                    "certificate; check that it belongs to this service key, that its chain reaches a root the "
-                    "server trusts, and that the token URL is the authentication.cert. host",
-                    token_url=url,
-                ) from None
-            raise TokenError(
-                status=503,
-                error="unreachable",
-                outcome="network",
-                detail=f"the connection to the token server failed: {_describe(exc)}",
-                token_url=url,
-            ) from None
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise self._transport_error(exc) from None
         return self._interpret(status, content_type, body)
+
+    def _transport_error(self, exc: BaseException) -> TokenError:
+        """No HTTP answer from the token server: say why, in words that point at the fix."""
+        with_cert = self.credentials.certificate is not None
+        status, error, outcome = 503, "unreachable", "network"
+        if isinstance(exc, TimeoutError):
+            status, error, outcome = 504, "timeout", "timeout"
+            detail = f"the token server did not answer within {self._timeout.total:g} s"
+        elif isinstance(exc, aiohttp.ClientHttpProxyError):
+            error, outcome = "proxy_error", "proxy"
+            detail = outbound_proxy_detail(exc, "the token server")
+        elif isinstance(exc, aiohttp.ClientConnectorCertificateError):
+            error, outcome = "tls_error", "tls"
+            detail = (
+                f"the token server's TLS certificate is not trusted: {exc.certificate_error}; "
+                "if a corporate proxy inspects TLS, add its CA with --ca-bundle FILE"
+            )
+        elif isinstance(exc, aiohttp.ClientSSLError):
+            error, outcome = "tls_error", "tls"
+            detail = _tls_detail(exc, with_cert)
+        elif isinstance(exc, aiohttp.ClientConnectorError):
+            detail = f"cannot connect to the token server: {_describe(exc)}"
+        elif with_cert:
+            # TLS 1.3: the server checks the client certificate after the handshake has "succeeded" on our
+            # side, so a refusal shows up as a reset/closed connection on the first read
+            error, outcome = "tls_error", "tls"
+            detail = (
+                f"the token server closed the connection right after the TLS handshake ({_describe(exc)}): with a "
+                "client certificate this usually means it rejected the certificate; check that it belongs to this "
+                "service key, that its chain reaches a root the server trusts, and that the token URL is the "
+                "authentication.cert. host"
+            )
+        else:
+            detail = f"the connection to the token server failed: {_describe(exc)}"
+        return TokenError(status=status, error=error, outcome=outcome, detail=detail, token_url=self.token_url)
 
     def _interpret(self, status: int, content_type: str, body: bytes) -> TokenResponse:
         url = self.token_url
