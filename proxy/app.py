@@ -324,6 +324,8 @@ def observe_middleware(initial: Config, worker: int | None = None) -> Middleware
         try:
             response = await handler(request)
             status = 499 if record.error == CLIENT_DISCONNECTED else response.status
+            if not record.bytes_out and isinstance(response, web.Response):
+                record.bytes_out = response.content_length or 0  # the proxy's own answers (errors, admin)
             return response
         except web.HTTPException as exc:
             status = exc.status

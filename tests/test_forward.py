@@ -898,3 +898,16 @@ async def test_http10_without_host_gets_links_for_the_socket_address(proxy: Runn
         head = (await asyncio.wait_for(reader.read(65536), 5)).decode("latin-1")
     assert head.startswith("HTTP/1.0 302") or head.startswith("HTTP/1.1 302"), head
     assert f"Location: http://127.0.0.1:{port}/api/v1/target?x=1" in head
+
+
+async def test_access_log_counts_bytes_of_the_proxys_own_answers(
+    tmp_path: Path, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="odata_auth_proxy.access")
+    config = make_config(tmp_path, backend, [secret_route(backend, prefix="/a/")])
+    async with running_proxy(config) as proxy, aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + "/nowhere") as resp:
+            assert resp.status == 404
+            size = len(await resp.read())
+    lines = [r.getMessage() for r in caplog.records if r.name == "odata_auth_proxy.access"]
+    assert any('"GET /nowhere" 404' in line and f" {size}B " in line for line in lines), lines
