@@ -307,6 +307,40 @@ async def mtls_token_server(backend: Backend, trusted: trustme.CA, seen: list[st
         await runner.cleanup()
 
 
+@dataclass
+class CliResult:
+    """What ``python -m proxy …`` printed and returned."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 20
+) -> CliResult:
+    """Run the real command line (``python -m proxy ARGS``) without stdin, bounded in time."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=env if env is not None else child_env(),
+        cwd=cwd,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return CliResult(process.returncode, out.decode(), err.decode())
+
+
 def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data))
     return path

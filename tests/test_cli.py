@@ -13,7 +13,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import aiohttp
 import pytest
 
 import proxy
-from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, secret_route, write_yaml
+from tests.conftest import CLIENT_SECRET, Backend, CliResult, child_env, free_port, run_cli, secret_route, write_yaml
 
 PROXY_DIR = Path(proxy.__file__).parent
 ERROR_PREFIX = "odata-auth-proxy: error:"
@@ -32,42 +31,11 @@ needs_curl = pytest.mark.skipif(CURL is None, reason="curl is not installed")
 # --------------------------------------------------------------------------- helpers
 
 
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-async def run_cli(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 20
-) -> Result:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env if env is not None else child_env(),
-        cwd=cwd,
-    )
-    try:
-        out, err = await asyncio.wait_for(process.communicate(), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Result(process.returncode, out.decode(), err.decode())
-
-
 def lines(text: str) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def assert_one_error_line(result: Result, *needles: str) -> str:
+def assert_one_error_line(result: CliResult, *needles: str) -> str:
     assert "Traceback" not in result.stderr, result.stderr
     (line,) = lines(result.stderr)
     assert line.startswith(ERROR_PREFIX), line

@@ -30,6 +30,7 @@ from tests.conftest import (
     child_env,
     free_port,
     make_config,
+    run_cli,
     running_proxy,
     secret_route,
     write_yaml,
@@ -482,27 +483,6 @@ async def test_port_only_listen_binds_loopback_only(tmp_path: Path, backend: Bac
         assert resp.status == 200
 
 
-async def run_cli(*args: str, env: dict[str, str], timeout: float = 15) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-        env=env,
-        cwd=str(PROJECT_ROOT),
-    )
-    try:
-        out, _ = await asyncio.wait_for(process.communicate(), timeout)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise
-    assert process.returncode is not None
-    return process.returncode, out.decode(errors="replace")
-
-
 async def test_cli_refuses_network_listen_without_guard(tmp_path: Path, backend: Backend) -> None:
     config = proxy_config_file(tmp_path, backend)
     port = free_port()
@@ -513,8 +493,9 @@ async def test_cli_refuses_network_listen_without_guard(tmp_path: Path, backend:
         (["run", "--config", str(config)], {"ODATA_AUTH_PROXY_LISTEN": f"0.0.0.0:{port}"}, "0.0.0.0"),
         (["run", "--config", str(remote_config)], {}, "0.0.0.0"),
     ]
-    results = await asyncio.gather(*(run_cli(*args, env=child_env(**extra)) for args, extra, _ in attempts))
-    for (args, _, shown), (code, output) in zip(attempts, results, strict=True):
+    results = await asyncio.gather(*(run_cli(*args, env=child_env(**extra), timeout=15) for args, extra, _ in attempts))
+    for (args, _, shown), result in zip(attempts, results, strict=True):
+        code, output = result.returncode, result.stdout + result.stderr
         assert code == 2, (args, code, output)
         assert "Refusing to listen on" in output and shown in output, output
         for fix in ("127.0.0.1", "inbound_api_key", "ODATA_AUTH_PROXY_INBOUND_API_KEY", "--allow-remote"):

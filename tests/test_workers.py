@@ -27,7 +27,7 @@ import pytest
 
 from proxy.config import ConfigError, Overrides, load_config
 from proxy.workers import BrokerTokenSource, bind_listeners, close_all, token_error_from_json, token_error_to_json
-from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, secret_route, write_yaml
+from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, run_cli, secret_route, write_yaml
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX processes and signals")
 
@@ -443,27 +443,6 @@ def test_workers_setting_from_file_flag_and_environment(tmp_path: Path, backend:
         assert str(caught.value).startswith(where), caught.value
 
 
-async def run_cli(*args: str, timeout: float = 20) -> tuple[int, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy",
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=child_env(),
-    )
-    try:
-        _, err = await asyncio.wait_for(process.communicate(), timeout)
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return process.returncode, err.decode()
-
-
 @pytest.mark.parametrize(
     ("top", "flags", "needle"),
     [({"workers": 0}, [], "workers: must be at least 1"), ({}, ["--workers", "-1"], "--workers: must be at least 1")],
@@ -473,7 +452,8 @@ async def test_invalid_workers_exit_2_with_the_key_path(
     tmp_path: Path, backend: Backend, top: dict[str, Any], flags: list[str], needle: str
 ) -> None:
     config = config_file(tmp_path, backend, free_port(), **top)
-    code, stderr = await run_cli("run", "--config", str(config), *flags)
+    result = await run_cli("run", "--config", str(config), *flags)
+    code, stderr = result.returncode, result.stderr
     assert code == 2, stderr
     (line,) = [line for line in stderr.splitlines() if line.strip()]
     assert line.startswith(ERROR_PREFIX) and needle in line, line
@@ -485,7 +465,8 @@ async def test_port_in_use_with_workers_is_one_error_line(tmp_path: Path, backen
         taken.listen()
         port = taken.getsockname()[1]
         config = config_file(tmp_path, backend, port)
-        code, stderr = await run_cli("run", "--config", str(config), "--workers", "2")
+        result = await run_cli("run", "--config", str(config), "--workers", "2")
+    code, stderr = result.returncode, result.stderr
     assert code == 1, stderr
     assert "Traceback" not in stderr
     matching = [line for line in stderr.splitlines() if "already in use" in line]
