@@ -511,10 +511,8 @@ async def test_upload_cut_short_by_the_client_never_reaches_upstream_complete(
     assert all(state == "broken" for state, _ in outcomes), outcomes
 
 
-async def test_proxy_survives_a_client_abandoning_a_download(
-    proxy: RunningProxy, client: aiohttp.ClientSession
-) -> None:
-    port = proxy_port(proxy)
+async def abandon_download(port: int) -> None:
+    """Start a 256 MiB download, read 2 MiB of it, and drop the connection (a client giving up)."""
     async with raw_connection(port) as (reader, writer):
         writer.write(raw_request("GET", f"/api/v1/stream?bytes={256 << 20}", port))
         await writer.drain()
@@ -522,6 +520,13 @@ async def test_proxy_survives_a_client_abandoning_a_download(
         while received < 2 << 20:
             received += len(await reader.read(65536))
         writer.transport.abort()
+
+
+async def test_proxy_survives_a_client_abandoning_a_download(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    port = proxy_port(proxy)
+    await abandon_download(port)
     for _ in range(3):
         async with client.get(proxy.url + "/api/v1/echo/after-abort") as resp:
             assert resp.status == 200
@@ -536,13 +541,7 @@ async def test_client_abandoning_a_download_is_not_blamed_on_the_upstream(
 ) -> None:
     caplog.set_level(logging.INFO, logger="odata_auth_proxy")
     port = proxy_port(proxy)
-    async with raw_connection(port) as (reader, writer):
-        writer.write(raw_request("GET", f"/api/v1/stream?bytes={256 << 20}", port))
-        await writer.drain()
-        received = 0
-        while received < 2 << 20:
-            received += len(await reader.read(65536))
-        writer.transport.abort()
+    await abandon_download(port)
     await asyncio.sleep(0.5)
     blamed = [r.getMessage() for r in caplog.records if "upstream" in r.getMessage() and r.levelno >= logging.WARNING]
     assert blamed == []
