@@ -48,6 +48,11 @@ class Timeouts:
     connect: float = 10.0
     read: float = 300.0  # idle read timeout, not total: long downloads must live
     token: float = 15.0
+    # client side (the listener): a coarse sweep enforces them, so they fire within about a second
+    client_header: float = 30.0  # a complete request head must arrive within this
+    client_body: float = 60.0  # no request body byte for this long mid-request: 408 and close
+    client_write: float = 60.0  # a client that reads nothing of its answer for this long is cut
+    client_idle: float = 75.0  # a kept-alive connection with no request for this long is closed
 
 
 @dataclass(frozen=True)
@@ -471,11 +476,11 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
     if env_key:
         inbound_key = Secret(env_key)
 
-    timeouts_section = _Section(raw.get("timeouts"), "timeouts", {"connect", "read", "token"})
+    timeout_names = ("connect", "read", "token", "client_header", "client_body", "client_write", "client_idle")
+    timeouts_section = _Section(raw.get("timeouts"), "timeouts", set(timeout_names))
+    defaults = Timeouts()
     timeouts = Timeouts(
-        connect=timeouts_section.get_number("connect", 0.1) or Timeouts.connect,
-        read=timeouts_section.get_number("read", 0.1) or Timeouts.read,
-        token=timeouts_section.get_number("token", 0.1) or Timeouts.token,
+        **{name: timeouts_section.get_number(name, 0.1) or getattr(defaults, name) for name in timeout_names}
     )
     limits_section = _Section(
         raw.get("limits"), "limits", {"max_body_size", "max_header_size", "max_headers", "replay_buffer"}

@@ -1,31 +1,90 @@
-"""What happened to one request, filled in by the forwarder and read by the access log and metrics."""
+"""One request's journey through the filter chain: what the filters decided and what happened.
+
+The filters write into it (route, token, CSRF key, headers to add or drop), the forwarding core reads it to
+build the upstream request, and the observing filter turns it into the access log line and metrics.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from typing import TYPE_CHECKING
 
-from aiohttp import web
+if TYPE_CHECKING:
+    from proxy.config import Route
+    from proxy.http.heads import RequestHead
+    from proxy.http.listener import ClientConnection, RequestBody
+    from proxy.http.upstream import Origin
+    from proxy.tokens import Token
+
+CLIENT_DISCONNECTED = "client_disconnected"
+DRAIN_TIMEOUT = "drain_timeout"
 
 
-@dataclass
 class Exchange:
-    request_id: str
-    route: str | None = None
-    token_fp: str | None = None
-    upstream_status: int | None = None
-    bytes_in: int = 0
-    bytes_out: int = 0
-    replayed: str | None = None  # "401" or "csrf" when the request was sent a second time
-    error: str | None = None  # our error code, when the proxy answered itself
+    """Per-request state shared by the filters and the forwarding core."""
 
+    __slots__ = (
+        "body",
+        "body_data",
+        "bytes_in",
+        "conn",
+        "cors_origin",
+        "csrf_key",
+        "drop",
+        "error",
+        "extra",
+        "head",
+        "origin",
+        "replayed",
+        "request_id",
+        "route",
+        "started",
+        "status",
+        "streaming",
+        "token",
+        "upstream_status",
+        "upstream_target",
+    )
 
-EXCHANGE = web.RequestKey("exchange", Exchange)
+    def __init__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+        self.conn = conn
+        self.head = head
+        self.body = body
+        self.started = time.perf_counter()
+        self.request_id = "-"
+        self.route: Route | None = None
+        self.origin: Origin | None = None
+        self.upstream_target = ""  # path and query on the upstream, byte-exact
+        self.drop: set[bytes] = set()  # client headers (lower-case) not to forward
+        self.extra: list[bytes] = []  # header lines added to every upstream attempt
+        self.token: Token | None = None
+        self.csrf_key: str | None = None
+        self.cors_origin: str | None = None
+        self.body_data: bytes | None = None  # the buffered (replayable) body
+        self.streaming = False  # the body streams on: it cannot be sent twice
+        self.upstream_status: int | None = None
+        self.status = 0
+        self.bytes_in = 0
+        self.replayed: str | None = None  # "401" or "csrf" when the request was sent a second time
+        self.error: str | None = None  # our error code, when the proxy answered itself or was cut
 
+    @property
+    def replayable(self) -> bool:
+        return not self.streaming
 
-def exchange_of(request: web.Request) -> Exchange:
-    """The request's record; created on first use so handlers also work without the observing middleware."""
-    record = request.get(EXCHANGE)
-    if record is None:
-        record = Exchange(request_id="-")
-        request[EXCHANGE] = record
-    return record
+    @property
+    def token_fp(self) -> str | None:
+        return self.token.fingerprint if self.token is not None else None
+
+    @property
+    def bytes_out(self) -> int:
+        return self.conn.bytes_out
+
+    def proxy_base(self) -> str:
+        """``http://host[:port]`` as the client addressed the proxy (the guard has vetted the Host header);
+        without a Host header (HTTP/1.0), the address the client connected to."""
+        host = self.head.header(b"host")
+        if host:
+            return "http://" + host.decode("latin-1")
+        address, port = self.conn.sockname[0], self.conn.sockname[1]
+        return f"http://[{address}]:{port}" if ":" in str(address) else f"http://{address}:{port}"

@@ -15,10 +15,10 @@ protection on its own:
 * when the proxy is reachable from a network (sidecar, ``--allow-remote``), an inbound API key is
   the only thing between the network and the service key.
 
-:func:`guard_middleware` therefore answers hostile or misdirected requests itself — the proxy
-handler is never called for them — with a JSON body ``{"error": code, "detail": how-to-fix}``, and
-logs each refusal at WARNING on the ``odata_auth_proxy.guard`` logger (code, method, client address,
-truncated path; never a header value and never the API key). The checks run in this order:
+:class:`Guard` therefore answers hostile or misdirected requests itself — nothing is forwarded for
+them — with a JSON body ``{"error": code, "detail": how-to-fix}``, and logs each refusal at WARNING on
+the ``odata_auth_proxy.guard`` logger (code, method, client address, truncated path; never a header value
+and never the API key). The checks run in this order:
 
 1. request target: ``CONNECT`` -> 405 ``connect_refused``; ``TRACE``/``TRACK`` -> 405
    ``trace_refused`` (the upstream would echo the injected ``Authorization`` header back);
@@ -26,30 +26,21 @@ truncated path; never a header value and never the API key). The checks run in t
    ``invalid_request_target``; ``.``/``..`` segments (also percent-encoded, with encoded slashes,
    double-encoded, or Tomcat-style ``..;x``), backslashes and a leading ``//`` -> 400
    ``path_traversal_refused``.
-2. ``Host`` allow-list (DNS rebinding) -> 421 ``host_not_allowed``.
+2. ``Host`` allow-list (DNS rebinding) -> 421 ``host_not_allowed``; HTTP/1.1 without ``Host`` -> 400.
 3. cross-site requests: ``Sec-Fetch-Site: cross-site`` -> 403 ``cross_site_refused``; an ``Origin``
    that is not allowed (``null`` included) -> 403 ``origin_not_allowed``; CORS for the configured
    ``allowed_origins`` (preflight answered here with 204).
 4. inbound API key (when configured) -> 401 ``proxy_auth_required``; on success both credential
-   headers are removed from the request the handler sees.
+   headers are dropped from what goes upstream.
 
-What aiohttp 3.14 does itself (measured with raw sockets, C and pure-Python parser alike)
-------------------------------------------------------------------------------------------
-* Absolute-form targets (``GET http://127.0.0.2:9/ HTTP/1.1``, also ``HTTPS://``, ``ftp://``) are
-  accepted and reach middleware and handler. ``request.raw_path`` is the whole URL, ``request.path``
-  and ``request.rel_url`` are just ``/``, and ``request.host``/``request.url`` come from the *target*
-  (127.0.0.2), not from the ``Host`` header. So the guard looks at ``raw_path`` and the ``Host``
-  header, never at ``request.host``.
-* ``CONNECT host:port`` is accepted (the C parser flags it as an upgrade); ``raw_path`` is
-  ``host:port``. ``CONNECT http://...`` and ``GET host:port`` are rejected by the parser (400).
-* ``GET *`` is rejected by the parser; ``OPTIONS *`` reaches the handler with ``raw_path == "*"``.
-* Paths are **not** normalised at all: ``/a/../b``, ``/a/./b``, ``/../x``, ``//host/x``, ``\\``
-  reach the handler verbatim in ``raw_path`` *and* ``path``. ``request.path`` percent-decodes once
-  (``%2e%2e`` -> ``..``, ``%2f`` -> ``/``, ``%5c`` -> ``\\``, ``%252e`` -> ``%2e``) while
-  ``raw_path`` keeps the encoding; a fragment (``/a#/../b``) stays in ``raw_path`` but is cut
-  from ``path``. The guard therefore checks ``raw_path`` and every decoding level of it.
-* HTTP/1.1 without ``Host`` and duplicate ``Host`` headers are rejected by the parser (400) before
-  any middleware runs; HTTP/1.0 without ``Host`` is accepted. An empty ``Host:`` is accepted.
+What the parser (httptools/llhttp) leaves to the guard
+------------------------------------------------------
+The request target arrives exactly as sent: absolute-form (``GET http://127.0.0.2:9/``), ``*``,
+``host:port`` after CONNECT (the parser flags CONNECT as an upgrade; the request is still answered), and
+paths that are not normalised at all (``/a/../b``, ``//host/x``, ``\\``, percent-encoded dots and
+slashes). So the guard looks at the raw target and every decoding level of it, and at the ``Host`` header,
+never at a host taken from the target. Malformed framing (both ``Content-Length`` and
+``Transfer-Encoding``, bad chunk sizes, invalid header characters) is refused by the parser with 400.
 """
 
 from __future__ import annotations
@@ -59,20 +50,19 @@ import ipaddress
 import logging
 import re
 import unicodedata
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import unquote
 
-from aiohttp import hdrs, typedefs, web
-from multidict import CIMultiDict
-
+from proxy.http.heads import Reply, RequestHead, json_reply
 from proxy.redact import Secret
 
 __all__ = [
     "ADMIN_PREFIX",
     "DEFAULT_API_KEY_HEADER",
+    "Guard",
     "GuardSettings",
-    "guard_middleware",
+    "GuardedRequest",
     "is_loopback",
     "listen_address_problem",
 ]
@@ -94,8 +84,6 @@ _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _ORIGIN_RE = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#@\s]+)")
 _TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass(frozen=True)
@@ -226,6 +214,8 @@ def _has_dot_segment(path: str) -> bool:
 def _path_problem(raw_path: str) -> str | None:
     """What is wrong with an origin-form path (query excluded), or None."""
     path = raw_path.split("?", 1)[0]
+    if path.isascii() and "%" not in path and "\\" not in path and "/." not in path and not path.startswith("//"):
+        return None  # the common case, decided without splitting: no segment can be (or decode to) a dot
     candidate = path
     for _ in range(_MAX_DECODE_ROUNDS):
         if "\\" in candidate:
@@ -255,30 +245,12 @@ def _normalise_origin(origin: str) -> str:
     return origin.strip().rstrip("/").lower()
 
 
-def _merge_vary(response: web.StreamResponse, token: str) -> None:
-    current = response.headers.get(hdrs.VARY)
-    if not current:
-        response.headers[hdrs.VARY] = token
-        return
-    parts = [p.strip().lower() for p in current.split(",")]
-    if token.lower() not in parts and "*" not in parts:
-        response.headers[hdrs.VARY] = f"{current}, {token}"
-
-
-def _apply_cors(response: web.StreamResponse, origin: str) -> None:
-    response.headers[hdrs.ACCESS_CONTROL_ALLOW_ORIGIN] = origin
-    response.headers[hdrs.ACCESS_CONTROL_EXPOSE_HEADERS] = "*"
-    _merge_vary(response, "Origin")
-
-
-CORS_ORIGIN = web.RequestKey("guard_cors_origin", str)
-
-
-async def cors_on_prepare(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """``on_response_prepare`` signal: CORS headers also on responses the handler streams itself."""
-    origin = request.get(CORS_ORIGIN)
-    if origin is not None:
-        _apply_cors(response, origin)
+def merge_vary(value: str) -> str:
+    """An answer's ``Vary`` with ``Origin`` added (CORS answers differ by origin)."""
+    parts = [p.strip().lower() for p in value.split(",")]
+    if "origin" in parts or "*" in parts:
+        return value
+    return f"{value}, Origin" if value.strip() else "Origin"
 
 
 def _requested_headers(value: str) -> str:
@@ -297,8 +269,8 @@ def _bearer_token(value: str) -> str | None:
 # middleware
 
 
-class _Guard:
-    """Precomputed settings plus the four checks; one instance per :func:`guard_middleware` call."""
+class Guard:
+    """Precomputed settings plus the four checks; built once per configuration, swapped whole on reload."""
 
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
@@ -332,7 +304,7 @@ class _Guard:
 
     def refuse(
         self,
-        request: web.Request,
+        request: GuardedRequest,
         status: int,
         code: str,
         detail: str,
@@ -340,28 +312,25 @@ class _Guard:
         headers: Mapping[str, str] | None = None,
         close: bool = False,
         note: str = "",
-    ) -> web.Response:
-        path = self.show(request.raw_path)
+    ) -> Reply:
+        path = self.show(request.target)
         _LOG.warning(
             "refused %s (%d): %s %s from %s%s",
             code,
             status,
             _clip(request.method, 20),
             path,
-            request.remote or "unknown client",
+            request.peer or "unknown client",
             note,
         )
-        response = web.json_response({"error": code, "detail": self._redact(detail)}, status=status, headers=headers)
-        if close:
-            response.force_close()
-        return response
+        return json_reply(status, {"error": code, "detail": self._redact(detail)}, dict(headers or {}), close=close)
 
     # ---- 1. request target --------------------------------------------------------------------
 
-    def check_target(self, request: web.Request) -> web.Response | None:
+    def check_target(self, request: GuardedRequest) -> Reply | None:
         method = request.method.upper()
-        raw = request.raw_path
-        if method == hdrs.METH_CONNECT:
+        raw = request.target
+        if method == "CONNECT":
             return self.refuse(
                 request,
                 405,
@@ -369,7 +338,7 @@ class _Guard:
                 "This is a reverse proxy for configured upstream APIs, not a forward proxy: CONNECT "
                 "tunnels are not supported. Send requests to http://HOST:PORT/<route path> instead, "
                 "and do not configure this proxy as an HTTP(S) proxy in your client.",
-                headers={hdrs.ALLOW: _CORS_METHODS},
+                headers={"Allow": _CORS_METHODS},
                 close=True,
             )
         if method in ("TRACE", "TRACK"):
@@ -379,11 +348,11 @@ class _Guard:
                 "trace_refused",
                 f"{method} is not forwarded: the upstream would echo back the bearer token this proxy "
                 "adds. Use GET, HEAD, POST, PUT, PATCH, MERGE, DELETE or OPTIONS.",
-                headers={hdrs.ALLOW: _CORS_METHODS},
+                headers={"Allow": _CORS_METHODS},
                 close=True,
             )
         if not raw.startswith("/"):
-            if _SCHEME_RE.match(raw) or request._message.url.is_absolute():
+            if _SCHEME_RE.match(raw):
                 return self.refuse(
                     request,
                     400,
@@ -413,14 +382,6 @@ class _Guard:
                 "value is fine as long as it does not form such a segment.",
                 close=True,
             )
-        if request._message.url.is_absolute():  # pragma: no cover - not reachable with aiohttp 3.14
-            return self.refuse(
-                request,
-                400,
-                "absolute_form_refused",
-                "The request target names a host; send only a path such as '/<route path>'.",
-                close=True,
-            )
         return None
 
     # ---- 2. Host allow-list -------------------------------------------------------------------
@@ -431,10 +392,10 @@ class _Guard:
         canonical = _canonical_host(host)
         return any(name == canonical and (want is None or want == port) for name, want in self.allowed_hosts)
 
-    def check_host(self, request: web.Request) -> web.Response | None:
-        values = request.headers.getall(hdrs.HOST, [])
+    def check_host(self, request: GuardedRequest) -> Reply | None:
+        values = request.headers.getall("Host", [])
         if not values:
-            if request.version < (1, 1):
+            if request.version != "1.1":
                 return None  # HTTP/1.0 clients may omit Host; they cannot be a rebinding browser
             return self.refuse(
                 request,
@@ -461,7 +422,7 @@ class _Guard:
 
     # ---- 3. cross-site / CORS -----------------------------------------------------------------
 
-    def origin_allowed(self, origin: str, request: web.Request) -> bool:
+    def origin_allowed(self, origin: str, request: GuardedRequest) -> bool:
         """Same origin (a page served through this proxy: an allowed host on the port the request came to),
         or listed in allowed_origins.
 
@@ -472,8 +433,8 @@ class _Guard:
         if _normalise_origin(origin) in self.cors_origins:
             return True
         parsed = _parse_origin(origin)
-        target = _split_host_port(request.headers.get(hdrs.HOST, ""))
-        if parsed is None or target is None or parsed[0] != request.scheme:
+        target = _split_host_port(request.headers.get("Host", "") or "")
+        if parsed is None or target is None or parsed[0] != "http":
             return False
         if (parsed[2] or "80") != (target[1] or "80"):
             return False
@@ -482,12 +443,12 @@ class _Guard:
         # localhost and 127.0.0.1 name the same listener on this port; other 127.x addresses may not
         return {parsed[1], target[0]} <= {"localhost", "127.0.0.1"}
 
-    def check_cross_site(self, request: web.Request) -> tuple[web.Response | None, str | None]:
+    def check_cross_site(self, request: GuardedRequest) -> tuple[Reply | None, str | None]:
         """(refusal or preflight answer, or None; the origin to add CORS headers for, or None)."""
-        origins = request.headers.getall(hdrs.ORIGIN, [])
+        origins = request.headers.getall("Origin", [])
         origin = origins[0] if len(origins) == 1 else None
         cors_origin = origin if origin is not None and _normalise_origin(origin) in self.cors_origins else None
-        fetch_site = request.headers.get("Sec-Fetch-Site", "").strip().lower()
+        fetch_site = (request.headers.get("Sec-Fetch-Site", "") or "").strip().lower()
         if fetch_site == "cross-site" and cors_origin is None:
             return (
                 self.refuse(
@@ -514,9 +475,9 @@ class _Guard:
                 None,
             )
         is_preflight = (
-            request.method.upper() == hdrs.METH_OPTIONS
+            request.method.upper() == "OPTIONS"
             and origin is not None
-            and hdrs.ACCESS_CONTROL_REQUEST_METHOD in request.headers
+            and "Access-Control-Request-Method" in request.headers
         )
         if is_preflight:
             if cors_origin is None:
@@ -532,29 +493,30 @@ class _Guard:
                     None,
                 )
             headers = {
-                hdrs.ACCESS_CONTROL_ALLOW_ORIGIN: cors_origin,
-                hdrs.ACCESS_CONTROL_ALLOW_METHODS: _CORS_METHODS,
-                hdrs.ACCESS_CONTROL_MAX_AGE: _CORS_MAX_AGE,
-                hdrs.VARY: "Origin",
+                "Access-Control-Allow-Origin": cors_origin,
+                "Access-Control-Allow-Methods": _CORS_METHODS,
+                "Access-Control-Max-Age": _CORS_MAX_AGE,
+                "Vary": "Origin",
             }
-            requested = _requested_headers(request.headers.get(hdrs.ACCESS_CONTROL_REQUEST_HEADERS, ""))
+            requested = _requested_headers(request.headers.get("Access-Control-Request-Headers", "") or "")
             if requested:
-                headers[hdrs.ACCESS_CONTROL_ALLOW_HEADERS] = requested
-            return web.Response(status=204, headers=headers), None
+                headers["Access-Control-Allow-Headers"] = requested
+            return Reply(204, b"", list(headers.items())), None
         return None, cors_origin
 
     # ---- 4. inbound API key -------------------------------------------------------------------
 
-    def _candidates(self, request: web.Request) -> Iterable[str]:
+    def _candidates(self, request: GuardedRequest) -> Iterable[str]:
         yield from request.headers.getall(self.key_header, [])
-        for value in request.headers.getall(hdrs.PROXY_AUTHORIZATION, []):
+        for value in request.headers.getall("Proxy-Authorization", []):
             token = _bearer_token(value)
             if token is not None:
                 yield token
 
-    def check_api_key(self, request: web.Request) -> tuple[web.Response | None, web.Request]:
-        if self._key is None or request.raw_path.split("?", 1)[0] in _KEYLESS_PATHS:
-            return None, request
+    def check_api_key(self, request: GuardedRequest) -> Reply | None:
+        """None when the key is right (or none is configured); the caller then drops the key's headers."""
+        if self._key is None or request.target.split("?", 1)[0] in _KEYLESS_PATHS:
+            return None
         matched = False
         presented = False
         for candidate in self._candidates(request):
@@ -564,84 +526,51 @@ class _Guard:
             equal = hmac.compare_digest(value, self._key)
             matched = matched or (equal and bool(value))
         if not matched:
-            return (
-                self.refuse(
-                    request,
-                    401,
-                    "proxy_auth_required",
-                    f"This proxy requires its inbound API key: send it in the {self.key_header} header "
-                    "or as 'Proxy-Authorization: Bearer <key>'. The key is the one configured as "
-                    "inbound_api_key (or ODATA_AUTH_PROXY_INBOUND_API_KEY) for this proxy.",
-                    headers={hdrs.PROXY_AUTHENTICATE: _REALM_CHALLENGE},
-                    note=" (credential presented but wrong)" if presented else " (no credential presented)",
-                ),
+            return self.refuse(
                 request,
+                401,
+                "proxy_auth_required",
+                f"This proxy requires its inbound API key: send it in the {self.key_header} header "
+                "or as 'Proxy-Authorization: Bearer <key>'. The key is the one configured as "
+                "inbound_api_key (or ODATA_AUTH_PROXY_INBOUND_API_KEY) for this proxy.",
+                headers={"Proxy-Authenticate": _REALM_CHALLENGE},
+                note=" (credential presented but wrong)" if presented else " (no credential presented)",
             )
-        headers = CIMultiDict(request.headers)
-        headers.popall(self.key_header, None)
-        headers.popall(hdrs.PROXY_AUTHORIZATION, None)
-        return None, request.clone(headers=headers)
+        return None
 
     # ---- all together -------------------------------------------------------------------------
 
-    async def __call__(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
+    def check(self, request: GuardedRequest) -> tuple[Reply | None, str | None]:
+        """All four checks in order: (the refusal or preflight answer, or None; the CORS origin, or None)."""
         refusal = self.check_target(request) or self.check_host(request)
         if refusal is not None:
-            return refusal
+            return refusal, None
         answer, cors_origin = self.check_cross_site(request)
         if answer is not None:
-            return answer
-        if cors_origin is not None:
-            request[CORS_ORIGIN] = cors_origin  # read by cors_on_prepare; copied into a clone below
-        refusal, forwarded = self.check_api_key(request)
-        if refusal is not None:
-            if cors_origin is not None:
-                _apply_cors(refusal, cors_origin)
-            return refusal
-        try:
-            response = await handler(forwarded)
-        finally:
-            if forwarded is not request:
-                # clone() copies the per-request dict: hand what the handler recorded (route, byte
-                # counts, upstream status, ...) back to the outer middlewares, which hold `request`
-                request.update(forwarded)
-        if cors_origin is not None and not response.prepared:
-            _apply_cors(response, cors_origin)
-        return response
+            return answer, None
+        refusal = self.check_api_key(request)
+        if refusal is not None and cors_origin is not None:
+            refusal.headers.extend(cors_headers(cors_origin))
+        return refusal, cors_origin
+
+    @property
+    def dropped_headers(self) -> frozenset[bytes]:
+        """The inbound credential's headers: never forwarded upstream."""
+        return frozenset({self.key_header.lower().encode("latin-1"), b"proxy-authorization"})
 
 
-class GuardHolder:
-    """The guard in force, swapped whole when the configuration is reloaded (SIGHUP)."""
-
-    def __init__(self, settings: GuardSettings) -> None:
-        self.current = _Guard(settings)
-
-    def update(self, settings: GuardSettings) -> None:
-        self.current = _Guard(settings)
+def cors_headers(origin: str) -> list[tuple[str, str]]:
+    return [("Access-Control-Allow-Origin", origin), ("Access-Control-Expose-Headers", "*"), ("Vary", "Origin")]
 
 
-def install_guard(app: web.Application, settings: GuardSettings) -> GuardHolder:
-    """Append the guard to the application's middlewares (after observing ones), and its CORS signal."""
-    holder = GuardHolder(settings)
-    app.middlewares.append(_middleware(holder))
-    app.on_response_prepare.append(cors_on_prepare)
-    return holder
+class GuardedRequest:
+    """What the guard looks at: a request head and the client's address."""
 
+    __slots__ = ("headers", "method", "peer", "target", "version")
 
-def _middleware(holder: GuardHolder) -> typedefs.Middleware:
-    @web.middleware
-    async def guard_mw(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        return await holder.current(request, handler)
-
-    return guard_mw
-
-
-def guard_middleware(settings: GuardSettings) -> typedefs.Middleware:
-    """The aiohttp middleware enforcing ``settings``.
-
-    Put it before every middleware that forwards or acts on a request; outer middlewares that only
-    observe (request id, access log, metrics) may wrap it. When the API key headers are removed, the
-    handler gets a ``request.clone()``; values it stores in the request (``request["..."] = ...``)
-    are copied back to the original request when it returns.
-    """
-    return _middleware(GuardHolder(settings))
+    def __init__(self, head: RequestHead, peer: str) -> None:
+        self.method = head.method
+        self.target = head.target
+        self.version = head.version
+        self.headers = head.view
+        self.peer = peer

@@ -6,6 +6,7 @@ shippers can parse all of it. Secrets never reach a log call: only fingerprints 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -42,9 +43,17 @@ class TextFormatter(logging.Formatter):
         return f"  ({ei[0].__name__})" if ei and ei[0] else ""
 
 
+class ProxyLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler ``setup_logging`` installs: the access log may write past it, in batches, to its stream."""
+
+    def __init__(self, stream: Any, log_format: str) -> None:
+        super().__init__(stream)
+        self.log_format = log_format
+
+
 def setup_logging(log_format: str, verbose: bool, stream: Any = None) -> None:
     """Route the proxy's and aiohttp's loggers to stderr in the chosen format."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = ProxyLogHandler(stream or sys.stderr, log_format)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
@@ -74,6 +83,7 @@ def access_log_line(
     upstream_status: int | None,
     token_fp: str | None,
     request_id: str | None,
+    error: str | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """The access log message and its structured fields (same facts, two spellings)."""
     fields: dict[str, Any] = {
@@ -93,7 +103,107 @@ def access_log_line(
         f"route={fields['route']} upstream={upstream_status if upstream_status is not None else '-'} "
         f"token={fields['token_fp']} id={fields['request_id']}"
     )
+    if error:  # why the proxy answered itself, or cut the exchange (drain_timeout, client_disconnected, ...)
+        fields["error"] = error
+        message += f" error={error}"
     return message, fields
+
+
+class AccessLog:
+    """Access log lines, cheap enough for every request: formatted directly and written in batches.
+
+    ``logging.info`` costs about 8.5 µs a line (record, locks, formatter) and a JSON formatter 12 µs, a large
+    share of a proxied request's budget. When the proxy's own handler (``setup_logging``) is the only one that
+    would see the line, it is formatted here in that handler's format, appended to a buffer and written at
+    most ``FLUSH_DELAY`` later (or when ``FLUSH_LINES`` wait). Anywhere else (another handler attached, e.g.
+    by an embedding program or a test's log capture) the line goes through ``logging`` as usual, so nothing
+    that listens misses a line.
+    """
+
+    FLUSH_DELAY = 0.05
+    FLUSH_LINES = 256
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.logger = logger or logging.getLogger(ACCESS_LOGGER)
+        self._lines: list[str] = []
+        self._flush_handle: Any = None
+        self._stamp_second = -1
+        self._stamp = ""
+
+    def _direct_handler(self, level: int) -> ProxyLogHandler | None:
+        """The proxy's own handler when it alone would see this line, else None (go through ``logging``)."""
+        logger: logging.Logger | None = self.logger
+        if not self.logger.isEnabledFor(level):
+            return None
+        root = logging.getLogger()
+        while logger is not None and logger is not root:
+            if logger.handlers or not logger.propagate:
+                return None
+            logger = logger.parent
+        if len(root.handlers) != 1:
+            return None
+        handler = root.handlers[0]
+        if type(handler) is not ProxyLogHandler or handler.level > level:
+            return None
+        return handler
+
+    def log(self, level: int, message: str, fields: dict[str, Any]) -> None:
+        handler = self._direct_handler(level)
+        if handler is None:
+            if self.logger.isEnabledFor(level):
+                self.logger.log(level, message, extra={"fields": fields})
+            return
+        if handler.log_format == "json":
+            entry: dict[str, Any] = {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "level": logging.getLevelName(level).lower(),
+                "logger": self.logger.name,
+                "message": message,
+            }
+            entry.update(fields)
+            line = json.dumps(entry, ensure_ascii=False, default=str)
+        else:
+            line = f"{self._stamp_text()} {logging.getLevelName(level):<7} {message}"
+        self._lines.append(line)
+        if len(self._lines) >= self.FLUSH_LINES:
+            self.flush()
+        elif self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+                return
+            self._flush_handle = loop.call_later(self.FLUSH_DELAY, self.flush)
+
+    def _stamp_text(self) -> str:
+        """The text formatter's time stamp (to the second), computed once a second."""
+        now = time.time()
+        second = int(now)
+        if second != self._stamp_second:
+            self._stamp_second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+        return self._stamp
+
+    def flush(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._lines:
+            return
+        lines, self._lines = self._lines, []
+        handler = logging.getLogger().handlers[0] if logging.getLogger().handlers else None
+        if not isinstance(handler, ProxyLogHandler):
+            for line in lines:
+                sys.stderr.write(line + "\n")
+            return
+        handler.acquire()
+        try:
+            handler.stream.write("\n".join(lines) + "\n")
+            handler.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed: nothing sensible left to do with a log line
+        finally:
+            handler.release()
 
 
 def now() -> float:

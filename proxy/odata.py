@@ -22,6 +22,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -294,7 +295,14 @@ def is_write(method: str) -> bool:
     return method.upper() in WRITE_METHODS
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
+class HeaderLookup(Protocol):
+    """Anything with case-(in)sensitive ``get`` and ``items``: a dict, a multidict, the proxy's header view."""
+
+    def get(self, name: str, /) -> str | None: ...
+    def items(self) -> Iterable[tuple[str, str]]: ...
+
+
+def _header(headers: HeaderLookup, name: str) -> str | None:
     """Case-insensitive lookup that works for plain dicts as well as multidicts."""
     value = headers.get(name)
     if value is not None:
@@ -306,7 +314,7 @@ def _header(headers: Mapping[str, str], name: str) -> str | None:
     return None
 
 
-def client_manages_csrf(headers: Mapping[str, str]) -> bool:
+def client_manages_csrf(headers: HeaderLookup) -> bool:
     """The client sent its own ``X-CSRF-Token`` (anything but ``Fetch`` or empty): leave CSRF to it."""
     value = _header(headers, CSRF_HEADER)
     if value is None:
@@ -315,7 +323,7 @@ def client_manages_csrf(headers: Mapping[str, str]) -> bool:
     return bool(value) and value.lower() != "fetch"
 
 
-def csrf_required(status: int, headers: Mapping[str, str]) -> bool:
+def csrf_required(status: int, headers: HeaderLookup) -> bool:
     """The upstream refused a write for want of a CSRF token: 403 with ``X-CSRF-Token: Required``."""
     if status != 403:
         return False

@@ -8,54 +8,55 @@ never decoded or re-encoded on the way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from yarl import URL
+from urllib.parse import urlsplit
 
 from proxy.config import Route
+from proxy.http.upstream import Origin
 
 
 @dataclass(frozen=True)
 class Match:
     route: Route
-    url: URL  # the upstream URL, encoded exactly as the client sent path and query
+    origin: Origin  # where the request goes
+    target: str  # path and query on the upstream, encoded exactly as the client sent them
+
+
+@dataclass(frozen=True)
+class _Entry:
+    route: Route
+    prefix: str
+    base_path: str  # the upstream's base path, ending in "/"
+    origin: Origin
 
 
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
-        self._routes = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
-        self._bases = {r.name: URL(r.upstream) for r in routes}
+        ordered = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
+        self._entries = [_Entry(r, r.prefix, _base_path(r.upstream), Origin.from_url(r.upstream)) for r in ordered]
 
     @property
     def prefixes(self) -> list[str]:
-        return sorted(r.prefix for r in self._routes)
+        return sorted(e.prefix for e in self._entries)
 
     def match(self, raw_target: str) -> Match | None:
         """``raw_target`` is the request target as received (path + optional query)."""
         path, sep, query = raw_target.partition("?")
-        for route in self._routes:
-            prefix = route.prefix
+        for entry in self._entries:
+            prefix = entry.prefix
             if path.startswith(prefix):
                 rest = path[len(prefix) :]
             elif path == prefix[:-1] and prefix != "/":
                 rest = ""
             else:
                 continue
-            return Match(route, self._upstream_url(route, rest, query if sep else ""))
+            target = entry.base_path + rest
+            return Match(entry.route, entry.origin, target + "?" + query if sep else target)
         return None
 
-    def _upstream_url(self, route: Route, rest: str, query: str) -> URL:
-        base = self._bases[route.name]
-        path = base.raw_path
-        if not path.endswith("/"):
-            path += "/"
-        return URL.build(
-            scheme=base.scheme,
-            host=base.raw_host or "",
-            port=base.explicit_port,
-            path=path + rest,
-            query_string=query,
-            encoded=True,
-        )
+
+def _base_path(upstream: str) -> str:
+    path = urlsplit(upstream).path or "/"
+    return path if path.endswith("/") else path + "/"
 
 
 def proxy_location(value: str, route: Route, proxy_base: str) -> str:
@@ -68,7 +69,7 @@ def proxy_location(value: str, route: Route, proxy_base: str) -> str:
     upstream_root = upstream[:-1]
     if value.startswith(upstream) or value == upstream_root:
         return proxy_base + route.prefix + value[len(upstream) :]
-    base_path = URL(upstream).raw_path
+    base_path = _base_path(upstream)
     if value.startswith("/") and not value.startswith("//") and base_path != "/" and value.startswith(base_path):
         return route.prefix + value[len(base_path) :]
     if value.startswith("/") and not value.startswith("//") and base_path == "/" and route.prefix != "/":

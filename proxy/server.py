@@ -1,7 +1,8 @@
 """The proxy's lifecycle in one place: bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
-First signal: readiness turns 503, the listener closes, in-flight requests get up to ``shutdown_timeout``
-seconds, then the process exits 0. A second signal exits at once.
+First signal: readiness turns 503, the listener stops accepting, answers on kept-alive connections say
+``Connection: close``, in-flight requests get ``shutdown_timeout`` seconds in total, what is left is cut,
+and the process exits 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -12,25 +13,19 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.app import (
-    GUARD_KEY,
-    METRICS_KEY,
-    STATE_KEY,
-    Prepared,
-    Runtime,
-    TokenSourceFactory,
-    build_admin_app,
-    build_app,
-    guard_settings,
-)
+from proxy.app import Prepared, ProxyState, Runtime, TokenSourceFactory, build_admin_app
 from proxy.config import Config, ConfigError
 from proxy.guard import listen_address_problem
-from proxy.logs import setup_logging
+from proxy.http.heads import RequestHead
+from proxy.http.listener import ClientConnection, Listener, ListenerSettings, RequestBody
+from proxy.logs import AccessLog, setup_logging
+from proxy.metrics import ProxyMetrics
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -79,43 +74,74 @@ class ProxyServer:
         worker: int | None = None,
     ) -> None:
         self.prepared = prepared
-        self.app = build_app(prepared, token_sources=token_sources, worker=worker)
         self._reload = reload
         self._socks = list(socks)
         self._admin_socks = list(admin_socks)
         self._token_sources = token_sources
         self._worker = worker
-        self._runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=prepared.config.shutdown_timeout
-        )
+        self.metrics = ProxyMetrics()
+        self.access_log = AccessLog()
+        self.state: ProxyState | None = None
+        self.listener: Listener | None = None
         self._admin_runner: web.AppRunner | None = None
         self.addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
         self._stop = asyncio.Event()
+        self._stop_requested_at: float | None = None
         self._signals = 0
         self._reloading: set[asyncio.Task[bool]] = set()
         # runtimes replaced by a reload: closed by ProxyState after the grace period, or by stop() when the
-        # process stops first (the app's cleanup only closes the current runtime)
+        # process stops first
         self._replaced: list[Runtime] = []
+
+    def _runtime(self, prepared: Prepared) -> Runtime:
+        return Runtime(
+            prepared,
+            self.metrics,
+            self._token_sources,
+            state=self._current_state,
+            access_log=self.access_log,
+            worker=self._worker,
+        )
+
+    def _current_state(self) -> ProxyState:
+        assert self.state is not None
+        return self.state
+
+    async def _handle(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+        assert self.state is not None
+        await self.state.runtime.pipeline(conn, head, body)
 
     async def start(self) -> None:
         config = self.prepared.config
-        await self._runner.setup()
-        sites: list[web.BaseSite] = [web.SockSite(self._runner, sock) for sock in self._socks]
-        if not sites:
-            sites.append(
-                web.TCPSite(self._runner, config.listen_host, config.listen_port, reuse_address=True, backlog=1024)
-            )
+        runtime = self._runtime(self.prepared)
+        self.state = ProxyState(runtime=runtime, metrics=self.metrics)
+        runtime.start()
+        timeouts, limits = config.timeouts, config.limits
+        self.listener = Listener(
+            self._handle,
+            ListenerSettings(
+                max_header_size=limits.max_header_size,
+                max_headers=limits.max_headers,
+                client_header=timeouts.client_header,
+                client_body=timeouts.client_body,
+                client_write=timeouts.client_write,
+                client_idle=timeouts.client_idle,
+            ),
+        )
+        self.listener.tighten_sweep(timeouts.read)
         try:
-            for site in sites:
-                await site.start()
+            if self._socks:
+                servers = [await self.listener.serve(sock=sock) for sock in self._socks]
+            else:
+                servers = [await self.listener.serve(host=config.listen_host, port=config.listen_port)]
         except OSError as exc:
-            await self._runner.cleanup()
+            await self._close_runtimes()
             raise bind_error(config.listen_host, config.listen_port, exc) from None
-        self.addresses = _bound(self._runner)
+        self.addresses = _bound(servers)
         if config.admin_listen is not None:
             host, port = config.admin_listen
-            self._admin_runner = web.AppRunner(build_admin_app(self.app), access_log=None, handle_signals=False)
+            self._admin_runner = web.AppRunner(build_admin_app(self.state), access_log=None, handle_signals=False)
             await self._admin_runner.setup()
             admin_sites: list[web.BaseSite] = [web.SockSite(self._admin_runner, s) for s in self._admin_socks]
             if not admin_sites:
@@ -126,7 +152,9 @@ class ProxyServer:
             except OSError as exc:
                 await self.stop()
                 raise bind_error(host, port, exc, "serve the admin endpoints") from None
-            self.admin_addresses = _bound(self._admin_runner)
+            self.admin_addresses = [
+                address for site in self._admin_runner.sites for address in _bound([getattr(site, "_server", None)])
+            ]
 
     @property
     def port(self) -> int:
@@ -147,6 +175,7 @@ class ProxyServer:
             return
         if self._signals > 1:
             log.warning("second %s: exiting now without waiting for in-flight requests", sig.name)
+            self.access_log.flush()
             os._exit(1)
         log.info(
             "%s received: draining (new connections refused, in-flight requests get up to %.0f s); "
@@ -157,9 +186,13 @@ class ProxyServer:
         self.request_stop()
 
     def request_stop(self) -> None:
-        state = self.app.get(STATE_KEY)
-        if state is not None:
-            state.draining = True
+        """Begin the drain: readiness turns 503, no new connections, ``Connection: close`` on every answer."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+        if self.state is not None:
+            self.state.draining = True
+        if self.listener is not None:
+            self.listener.start_drain()
         self._stop.set()
 
     def _on_reload_signal(self) -> None:
@@ -176,6 +209,7 @@ class ProxyServer:
         if self._stop.is_set():
             log.warning("SIGHUP while draining: not reloading")
             return False
+        assert self.state is not None
         running = self.prepared.config
         try:
             prepared = self._reload()
@@ -188,7 +222,7 @@ class ProxyServer:
             if problem:
                 raise ConfigError(f"still listening on {running.listen_host}: {problem}")
             prepared = replace(prepared, config=_pinned(new, running))
-            runtime = Runtime(prepared, self.app[METRICS_KEY], self._token_sources)
+            runtime = self._runtime(prepared)
         except ConfigError as exc:
             log.error("reload failed, still serving with the previous configuration: %s", exc)
             return False
@@ -212,12 +246,11 @@ class ProxyServer:
         for warning in prepared.warnings:
             log.warning(warning)
         if (new.log_format, new.verbose) != (old.log_format, old.verbose):
+            self.access_log.flush()
             setup_logging(new.log_format, new.verbose)
-        self.app[GUARD_KEY].update(guard_settings(prepared.config))
-        state = self.app[STATE_KEY]
-        self._replaced = [r for r in self._replaced if not r.upstream_session.closed]
-        self._replaced.append(state.runtime)
-        state.swap(runtime, grace=old.shutdown_timeout)
+        self._replaced = [r for r in self._replaced if not r.closed]
+        self._replaced.append(self.state.runtime)
+        self.state.swap(runtime, grace=old.shutdown_timeout)
         self.prepared = prepared
         log.info("reloaded configuration: %d route(s)", len(new.routes))
         return True
@@ -226,12 +259,30 @@ class ProxyServer:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        state = self.app.get(STATE_KEY)
-        if state is not None:
-            state.draining = True
-        await self._runner.cleanup()
+        """Drain: in-flight requests get ``shutdown_timeout`` seconds in total, counted from the stop request;
+        what is left then is cut (and logged as cut by the drain)."""
+        self.request_stop()
+        assert self._stop_requested_at is not None
+        deadline = self._stop_requested_at + self.prepared.config.shutdown_timeout
+        if self.listener is not None:
+            cut = await self.listener.drain(deadline)
+            if cut:
+                log.warning(
+                    "drain: %d request(s) still in flight after %.0f s (shutdown_timeout) were cut",
+                    cut,
+                    self.prepared.config.shutdown_timeout,
+                )
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
+            self._admin_runner = None
+        await self._close_runtimes()
+        self.access_log.flush()
+
+    async def _close_runtimes(self) -> None:
+        if self.state is not None:
+            for task in self.state.retired:
+                task.cancel()
+            await self.state.runtime.close()
         replaced, self._replaced = self._replaced, []
         for runtime in replaced:
             await runtime.close()
@@ -266,11 +317,10 @@ def _pinned(new: Config, running: Config) -> Config:
     )
 
 
-def _bound(runner: web.AppRunner) -> list[tuple[str, int]]:
+def _bound(servers: Sequence[object]) -> list[tuple[str, int]]:
     out: list[tuple[str, int]] = []
-    for server in runner.sites:
-        srv = getattr(server, "_server", None)
-        for sock in getattr(srv, "sockets", None) or ():
+    for server in servers:
+        for sock in getattr(server, "sockets", None) or ():
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 address = sock.getsockname()
                 out.append((address[0], address[1]))

@@ -2,6 +2,9 @@
 
 Every server here listens on 127.0.0.1; a "trap" listener on 127.0.0.2 stands in for a foreign host
 that an open relay would connect to, and must never see a connection.
+
+The proxy under test is the real request path (``Listener`` -> ``Pipeline`` -> ``Chain``) with the
+``GuardFilter`` first and a recording filter after it in place of the routing and forwarding filters.
 """
 
 from __future__ import annotations
@@ -9,32 +12,37 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import make_mocked_request
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
+from proxy.exchange import Exchange
+from proxy.filters.base import Chain, Filter
+from proxy.filters.guard import GuardFilter
 from proxy.guard import (
     ADMIN_PREFIX,
     DEFAULT_API_KEY_HEADER,
+    Guard,
+    GuardedRequest,
     GuardSettings,
-    guard_middleware,
-    install_guard,
     is_loopback,
     listen_address_problem,
 )
+from proxy.http.heads import HeaderView, Reply, RequestHead, json_reply
+from proxy.http.listener import Listener, ListenerSettings
+from proxy.http.upstream import Origin, UpstreamPool
+from proxy.outbound import OutboundProxies
+from proxy.pipeline import Pipeline, PipelineSettings
 from proxy.redact import Secret
 
 KEY = "s3cr3t-inbound-key-0123456789abcdef"
-REQUEST_ID = web.RequestKey("request_id", str)
-ROUTE = web.RequestKey("route", str)
-BYTES_OUT = web.RequestKey("bytes_out", int)
 ALLOWED_ORIGIN = "http://localhost:3000"
+PIPELINE_SETTINGS = PipelineSettings(replay_limit=1024 * 1024, max_body=None, read_timeout=5.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,7 +53,7 @@ ALLOWED_ORIGIN = "http://localhost:3000"
 class Seen:
     method: str
     raw_path: str
-    headers: CIMultiDictProxy[str]
+    headers: HeaderView  # the request's headers minus those the filters dropped (never forwarded)
     body: bytes
 
 
@@ -82,43 +90,93 @@ async def trap() -> AsyncIterator[Trap]:
     assert state.connections == 0, "something connected to the trap host"
 
 
+def forwarded_headers(ex: Exchange) -> HeaderView:
+    """The client's headers as the forwarding core would pass them on: without those in ``ex.drop``."""
+    return HeaderView([h for h in ex.head.headers if h[0] not in ex.drop])
+
+
+class RecordingFilter(Filter):
+    """Stands in for routing and forwarding: records what got through the guard, then answers.
+
+    ``{"forwarded": target}`` as JSON (the proxy's own answer), except for paths starting with /stream:
+    those go to a real upstream (``stream_origin``) whose answer the pipeline streams back.
+    """
+
+    name = "record"
+
+    def __init__(self, served: Served, stream_origin: Origin) -> None:
+        self.served = served
+        self.stream_origin = stream_origin
+
+    async def prepare(self, ex: Exchange) -> Reply | None:
+        await ex.body.read_until(10**7)
+        body = ex.body.take()
+        self.served.seen.append(Seen(ex.head.method, ex.head.target, forwarded_headers(ex), body))
+        if ex.head.target.startswith("/stream"):
+            ex.origin = self.stream_origin
+            ex.upstream_target = ex.head.target
+            return None
+        return json_reply(200, {"forwarded": ex.head.target})
+
+
+@dataclass
+class StreamUpstream:
+    """A plain-HTTP upstream on 127.0.0.1 that answers every request with a chunked body in two writes."""
+
+    server: asyncio.Server
+    origin: Origin
+
+
+async def start_stream_upstream() -> StreamUpstream:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nVary: Accept-Encoding\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n6\r\nstream\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the answer is still arriving when the pipeline starts sending it on
+            writer.write(b"2\r\ned\r\n0\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return StreamUpstream(server, Origin.from_url(f"http://127.0.0.1:{port}"))
+
+
+async def start_proxy(chain: Chain) -> tuple[Listener, UpstreamPool, int]:
+    """The real listener and forwarding core around ``chain``, on 127.0.0.1 and a free port."""
+    pool = UpstreamPool(ssl.create_default_context(), OutboundProxies(None, {}), 5.0)
+    listener = Listener(Pipeline(chain, pool, PIPELINE_SETTINGS), ListenerSettings())
+    server = await listener.serve(host="127.0.0.1", port=0)
+    return listener, pool, server.sockets[0].getsockname()[1]
+
+
 Serve = Callable[..., Awaitable[Served]]
 
 
 @pytest.fixture
 async def serve() -> AsyncIterator[Serve]:
-    runners: list[web.AppRunner] = []
+    upstream = await start_stream_upstream()
+    started: list[tuple[Listener, UpstreamPool]] = []
 
     async def start(**overrides: Any) -> Served:
         settings = GuardSettings(**{"listen_host": "127.0.0.1", "listen_port": 0, **overrides})
         served = Served(port=0)
-
-        async def handler(request: web.Request) -> web.StreamResponse:
-            served.seen.append(Seen(request.method, request.raw_path, request.headers, await request.read()))
-            if request.raw_path.startswith("/stream"):
-                response = web.StreamResponse(status=200)
-                await response.prepare(request)
-                await response.write(b"streamed")
-                await response.write_eof()
-                return response
-            return web.json_response({"forwarded": request.raw_path})
-
-        app = web.Application()
-        install_guard(app, settings)
-        app.router.add_route("*", "/{tail:.*}", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        runners.append(runner)
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        served.port = server.sockets[0].getsockname()[1]
+        chain = Chain([GuardFilter(Guard(settings)), RecordingFilter(served, upstream.origin)])
+        listener, pool, served.port = await start_proxy(chain)
+        started.append((listener, pool))
         return served
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for listener, pool in started:
+        await listener.close()
+        await pool.close()
+    upstream.server.close()
+    await upstream.server.wait_closed()
 
 
 @pytest.fixture
@@ -295,7 +353,7 @@ async def test_foreign_host_is_refused(serve: Serve, trap: Trap, caplog: pytest.
 
 async def test_missing_host(serve: Serve) -> None:
     served = await serve()
-    resp = await raw(served.port, req("/x", host=None))  # aiohttp itself answers 400
+    resp = await raw(served.port, req("/x", host=None))  # the guard answers 400 host_not_allowed
     assert resp.status == 400
     assert served.seen == []
     resp = await raw(served.port, req("/x", host=None, version="1.0"))
@@ -303,20 +361,27 @@ async def test_missing_host(serve: Serve) -> None:
     assert len(served.seen) == 1
 
 
+def request_head(method: str, target: str, version: str = "1.1", headers: dict[str, str] | None = None) -> RequestHead:
+    head = RequestHead()
+    head.method = method
+    head.target = target
+    head.version = version
+    for name, value in (headers or {}).items():
+        raw_name = name.encode("latin-1")
+        head.headers.append((raw_name.lower(), raw_name, value.encode("latin-1")))
+    return head
+
+
 async def test_missing_host_in_the_guard_itself() -> None:
-    """aiohttp already rejects HTTP/1.1 without Host; the guard does not rely on that."""
-    calls: list[web.Request] = []
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        calls.append(request)
-        return web.Response()
-
-    middleware = guard_middleware(GuardSettings("127.0.0.1", 8080))
-    resp = await middleware(make_mocked_request("GET", "/x"), handler)
-    assert resp.status == 400
-    assert isinstance(resp, web.Response) and resp.text is not None
-    assert json.loads(resp.text)["error"] == "host_not_allowed"
-    assert calls == []
+    """The guard refuses HTTP/1.1 without Host itself: it does not rely on the parser for that."""
+    guard = Guard(GuardSettings("127.0.0.1", 8080))
+    reply, cors_origin = guard.check(GuardedRequest(request_head("GET", "/x"), "127.0.0.1"))
+    assert reply is not None
+    assert reply.status == 400
+    assert json.loads(reply.body)["error"] == "host_not_allowed"
+    assert cors_origin is None
+    # HTTP/1.0 may omit Host: nothing to refuse, and nothing for a CORS answer
+    assert guard.check(GuardedRequest(request_head("GET", "/x", version="1.0"), "127.0.0.1")) == (None, None)
 
 
 @pytest.mark.parametrize(
@@ -398,13 +463,18 @@ async def test_same_origin_and_non_browser_requests_pass(serve: Serve, client: a
 
 async def test_allowed_origin_gets_cors_headers(serve: Serve, client: aiohttp.ClientSession) -> None:
     served = await serve(allowed_origins=(ALLOWED_ORIGIN + "/",))
-    for path in ("/odata/x", "/stream"):  # a plain response, and one the handler prepared itself
+    for path in ("/odata/x", "/stream"):  # the proxy's own answer, and an upstream's streamed one
         headers = {"Origin": ALLOWED_ORIGIN, "Sec-Fetch-Site": "cross-site"}
         async with client.get(f"{served.url}{path}", headers=headers) as resp:
             assert resp.status == 200
             assert resp.headers["Access-Control-Allow-Origin"] == ALLOWED_ORIGIN
             assert resp.headers["Access-Control-Expose-Headers"] == "*"
             assert "Origin" in resp.headers["Vary"]
+            assert len(resp.headers.getall("Vary")) == 1  # merged into the upstream's own Vary, not added
+            if path == "/stream":
+                assert resp.headers["Vary"] == "Accept-Encoding, Origin"
+                assert resp.headers["Transfer-Encoding"] == "chunked"
+                assert await resp.read() == b"streamed"
     assert len(served.seen) == 2
 
 
@@ -495,45 +565,54 @@ async def test_api_key_accepted_and_stripped(serve: Serve, client: aiohttp.Clien
         assert "Proxy-Authorization" not in seen.headers
         assert seen.headers["X-Other"] == "kept"
         assert seen.body == b'{"a": 1}'
-        assert all(KEY not in v for v in seen.headers.values())
+        assert all(KEY not in v for _, v in seen.headers.items())
 
 
-async def test_outer_middleware_sees_what_the_handler_stored(client: aiohttp.ClientSession) -> None:
-    """The clone the handler gets must not cut off an outer (observing) middleware's request state."""
-    outer_saw: list[Any] = []
+async def test_filters_around_the_guard_share_the_exchange(client: aiohttp.ClientSession) -> None:
+    """A filter after the guard sees the request with the key's headers marked as not forwarded; what it
+    stores on the exchange is visible to an earlier (observing) filter's ``finished`` hook, for refusals too."""
+    observed: list[tuple[str, str, int, int]] = []
+    later_saw: list[tuple[set[bytes], HeaderView]] = []
 
-    @web.middleware
-    async def observe(request: web.Request, handler: Any) -> web.StreamResponse:
-        request[REQUEST_ID] = "r-1"
-        try:
-            return await handler(request)  # type: ignore[no-any-return]
-        finally:
-            outer_saw.append((request.get(ROUTE), request.get(BYTES_OUT)))
+    class Observe(Filter):
+        def request(self, ex: Exchange) -> Reply | None:
+            ex.request_id = "r-1"
+            return None
 
-    async def handler(request: web.Request) -> web.StreamResponse:
-        assert request[REQUEST_ID] == "r-1"
-        request[ROUTE] = "demo"
-        response = web.StreamResponse()
-        await response.prepare(request)
-        await response.write(b"abc")
-        request[BYTES_OUT] = 3
-        return response
+        def finished(self, ex: Exchange) -> None:
+            observed.append((ex.request_id, ex.upstream_target, ex.status, ex.bytes_out))
 
-    settings = GuardSettings("127.0.0.1", 0, api_key=Secret(KEY))
-    app = web.Application(middlewares=[observe, guard_middleware(settings)])
-    app.router.add_get("/{tail:.*}", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    class Later(Filter):
+        def request(self, ex: Exchange) -> Reply | None:
+            assert ex.request_id == "r-1"
+            later_saw.append((set(ex.drop), forwarded_headers(ex)))
+            ex.upstream_target = "/demo"
+            return Reply(200, b"abc")
+
+    guard = Guard(GuardSettings("127.0.0.1", 0, api_key=Secret(KEY)))
+    listener, pool, port = await start_proxy(Chain([Observe(), GuardFilter(guard), Later()]))
     try:
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        async with client.get(f"http://127.0.0.1:{port}/x", headers={DEFAULT_API_KEY_HEADER: KEY}) as resp:
-            assert resp.status == 200
-            assert await resp.read() == b"abc"
+        for headers in (
+            {DEFAULT_API_KEY_HEADER: KEY, "X-Other": "kept"},
+            {"Proxy-Authorization": f"Bearer {KEY}", "X-Other": "kept"},
+        ):
+            async with client.get(f"http://127.0.0.1:{port}/x", headers=headers) as resp:
+                assert resp.status == 200
+                assert await resp.read() == b"abc"
+        async with client.get(f"http://127.0.0.1:{port}/x") as resp:
+            assert resp.status == 401
+            refusal = await resp.read()
     finally:
-        await runner.cleanup()
-    assert outer_saw == [("demo", 3)]
+        await listener.close()
+        await pool.close()
+    assert observed == [("r-1", "/demo", 200, 3), ("r-1", "/demo", 200, 3), ("r-1", "", 401, len(refusal))]
+    assert len(later_saw) == 2
+    for drop, seen_headers in later_saw:
+        assert {DEFAULT_API_KEY_HEADER.lower().encode(), b"proxy-authorization"} <= drop
+        assert DEFAULT_API_KEY_HEADER not in seen_headers
+        assert "Proxy-Authorization" not in seen_headers
+        assert seen_headers["X-Other"] == "kept"
+        assert all(KEY not in v for _, v in seen_headers.items())
 
 
 async def test_custom_api_key_header(serve: Serve, client: aiohttp.ClientSession) -> None:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.app import STATE_KEY, Prepared, prepare
+from proxy.app import Prepared, prepare
 from proxy.cli import build_parser
 from proxy.config import ENV_PREFIX, ConfigError, Overrides, load_config, overrides_from_env
 from proxy.guard import listen_address_problem
@@ -235,12 +235,12 @@ async def test_reload_then_stop_closes_the_replaced_runtime(tmp_path: Path, back
     server = ProxyServer(prepare(config), reload=reloadable(tmp_path / "proxy.yaml"))
     await server.start()
     try:
-        old = server.app[STATE_KEY].runtime
+        old = server.state.runtime
         assert await server.reload()
-        assert server.app[STATE_KEY].runtime is not old
+        assert server.state.runtime is not old
     finally:
         await server.stop()  # well within the 30 s grace period of the replaced runtime
-    assert old.upstream_session.closed and old.token_session.closed
+    assert old.closed and old.pool.closed and old.token_session.closed
     assert all(m._refresher is None for m in old.distinct_managers), "the old token refresher still runs"
 
 
@@ -252,10 +252,10 @@ async def test_reload_survives_an_unexpected_error(
 
     async with running_proxy(make_config(tmp_path, backend)) as running, client() as http:
         running.server._reload = broken
-        runtime = running.server.app[STATE_KEY].runtime
+        runtime = running.server.state.runtime
         running.server._on_reload_signal()  # what SIGHUP does: a task nobody awaits
         await asyncio.gather(*running.server._reloading)
-        assert running.server.app[STATE_KEY].runtime is runtime
+        assert running.server.state.runtime is runtime
         assert (await get(http, running.url + "/api/v1/echo/x"))[0] == 200
     message = next(r.getMessage() for r in caplog.records if "reload failed" in r.getMessage())
     assert "internal error: OverflowError" in message and "still serving" in message
@@ -269,10 +269,10 @@ async def test_reload_is_refused_while_draining(
     server = ProxyServer(prepare(make_config(tmp_path, backend)), reload=reloadable(tmp_path / "proxy.yaml"))
     await server.start()
     try:
-        runtime = server.app[STATE_KEY].runtime
+        runtime = server.state.runtime
         server.request_stop()
         assert await server.reload() is False
-        assert server.app[STATE_KEY].runtime is runtime
+        assert server.state.runtime is runtime
         assert "while draining" in caplog.text
     finally:
         await server.stop()

@@ -37,7 +37,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from yarl import URL
 
-from proxy.app import STATE_KEY, prepare
+from proxy.app import prepare
 from proxy.config import ConfigError, Overrides, load_config
 from proxy.logs import ACCESS_LOGGER, JsonFormatter, TextFormatter
 from proxy.redact import fingerprint
@@ -350,7 +350,7 @@ async def test_in_process_output_holds_no_secrets(world: World, caplog: pytest.L
         collected, statuses = await exercise(proxy.url, world)
         check_statuses(statuses)
 
-        state = proxy.server.app[STATE_KEY]
+        state = proxy.server.state
         runtime = state.runtime
         ok = runtime.managers["ok"]
         assert ok.current is not None

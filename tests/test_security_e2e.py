@@ -472,8 +472,9 @@ async def test_port_only_listen_binds_loopback_only(tmp_path: Path, backend: Bac
     async with running_proxy(config) as proxy:
         assert proxy.server.addresses, "no listening socket"
         assert all(host == "127.0.0.1" for host, _ in proxy.server.addresses), proxy.server.addresses
-        for site in proxy.server._runner.sites:
-            for sock in site._server.sockets:  # type: ignore[union-attr]
+        assert proxy.server.listener is not None
+        for server in proxy.server.listener.servers:
+            for sock in server.sockets:
                 assert sock.getsockname()[0] == "127.0.0.1"
         seen = listening_addresses(proxy.server.port)
         if seen is not None:

@@ -1,0 +1,94 @@
+"""The filter chain: what the proxy does to a request and its answer, one small stage per job.
+
+Envoy's HTTP filter chain is the model: each filter sees the request on the way up and the answer on the way
+down, and may answer itself (a refusal), add headers, ask for the request to be sent again (a 401 with a
+stale token, a CSRF ``Required``), or transform the answer's body. The forwarding core
+(``proxy.pipeline``) runs the hooks in order and knows nothing of guards, tokens or OData.
+
+A filter overrides only the hooks it needs; :class:`Chain` keeps, per hook, the filters that override it, so
+a hook nobody implements costs nothing on the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from proxy.exchange import Exchange
+from proxy.http.heads import Reply, ResponseHead
+
+
+class BodyTransform(Protocol):
+    """Streamed edits of an answer's body (link rewriting)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+    def flush(self) -> bytes: ...
+
+
+HeaderRewrite = Callable[[Exchange, bytes], bytes]
+
+
+class Filter:
+    """Base class: every hook does nothing. Override the ones the filter needs."""
+
+    name = "filter"
+
+    def request(self, ex: Exchange) -> Reply | None:
+        """The request head arrived: answer it here (return a Reply) or let it go on (None)."""
+        return None
+
+    async def prepare(self, ex: Exchange) -> Reply | None:
+        """Asynchronous work before the request goes upstream (a token); may answer instead."""
+        return None
+
+    def request_body(self, ex: Exchange, data: bytes) -> bytes:
+        """Edit a buffered (small, whole) request body before it goes upstream."""
+        return data
+
+    def upstream_headers(self, ex: Exchange, out: list[bytes]) -> None:
+        """Add header lines (``b"Name: value\\r\\n"``) to each upstream attempt (a replay asks again)."""
+
+    async def on_answer(self, ex: Exchange, head: ResponseHead) -> bool | Reply:
+        """The upstream's answer head: True sends the request again (once per filter), a Reply replaces it."""
+        return False
+
+    def response_headers(self, ex: Exchange, out: list[bytes], answer: ResponseHead | None = None) -> None:
+        """Add header lines to the client's answer: the upstream's (``answer``) or the proxy's own (None)."""
+
+    def header_rewrites(self) -> dict[bytes, HeaderRewrite]:
+        """Answer headers (lower-case name) whose value this filter rewrites on the way to the client."""
+        return {}
+
+    def body_transform(self, ex: Exchange, head: ResponseHead) -> BodyTransform | None:
+        """A transform for this answer's body, or None to pass it through untouched."""
+        return None
+
+    def finished(self, ex: Exchange) -> None:
+        """The exchange is over (answered, failed or cut): observe it."""
+
+
+def _overrides(flt: Filter, hook: str) -> bool:
+    return getattr(type(flt), hook) is not getattr(Filter, hook)
+
+
+class Chain:
+    """The filters in order, and per hook the ones that implement it."""
+
+    def __init__(self, filters: Sequence[Filter]) -> None:
+        self.filters = tuple(filters)
+
+        def pick(hook: str) -> tuple[Filter, ...]:
+            return tuple(f for f in self.filters if _overrides(f, hook))
+
+        self.on_request = pick("request")
+        self.on_prepare = pick("prepare")
+        self.on_request_body = pick("request_body")
+        self.on_upstream_headers = pick("upstream_headers")
+        self.on_answer = pick("on_answer")
+        self.on_response_headers = pick("response_headers")
+        self.on_body = pick("body_transform")
+        self.on_finished = tuple(reversed(pick("finished")))
+        rewrites: dict[bytes, HeaderRewrite] = {}
+        for flt in self.filters:
+            rewrites.update(flt.header_rewrites())
+        self.header_rewrites = rewrites

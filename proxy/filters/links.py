@@ -1,0 +1,102 @@
+"""OData link rewriting as a filter: absolute upstream URLs in JSON/XML answers point at the proxy instead
+(streamed, gzip/deflate inflated and deflated again), proxy URLs in small request bodies point back upstream,
+and ``Accept-Encoding`` is narrowed to what the rewriter can open. The rewriting itself is ``proxy.odata``."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from proxy.config import Route
+from proxy.exchange import Exchange
+from proxy.filters.base import BodyTransform, Filter
+from proxy.http.heads import ResponseHead
+from proxy.odata import MultiRewriter, RewritePlan, link_rewrite_pairs, reverse_rewrite, should_rewrite
+
+_REWRITABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+_PLAN_CACHE_LIMIT = 256  # bounded: proxy bases come from the (allow-listed) Host header
+
+
+@dataclass
+class LinkTransform:
+    """Link rewriting, inside an inflate → rewrite → deflate sandwich for gzip/deflate bodies, so that the
+    client still receives the encoding it was promised."""
+
+    rewriter: MultiRewriter
+    decompress: zlib._Decompress | None = None
+    compress: zlib._Compress | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.decompress is None or self.compress is None:
+            return self.rewriter.feed(chunk)
+        data = self.rewriter.feed(self.decompress.decompress(chunk))
+        # sync-flush per chunk: the client gets each piece without waiting for the compressor's window
+        return self.compress.compress(data) + self.compress.flush(zlib.Z_SYNC_FLUSH) if data else b""
+
+    def flush(self) -> bytes:
+        if self.decompress is None or self.compress is None:
+            return self.rewriter.flush()
+        data = self.rewriter.feed(self.decompress.flush()) + self.rewriter.flush()
+        return self.compress.compress(data) + self.compress.flush(zlib.Z_FINISH)
+
+
+def narrowed_accept_encoding(value: str) -> str | None:
+    """``Accept-Encoding`` with only what the link rewriter can open (Postman sends ``br``); None: drop it."""
+    kept = [item.strip() for item in value.split(",") if item.split(";")[0].strip().lower() in _REWRITABLE_ENCODINGS]
+    return ", ".join(kept) if kept else None
+
+
+class LinksFilter(Filter):
+    name = "links"
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[str, str], tuple[list[tuple[bytes, bytes]], RewritePlan]] = {}
+
+    def request(self, ex: Exchange) -> None:
+        route = ex.route
+        if route is None or not route.rewrite_links:
+            return None
+        value = ex.head.header(b"accept-encoding")
+        if value is not None:
+            narrowed = narrowed_accept_encoding(value.decode("latin-1"))
+            ex.drop.add(b"accept-encoding")
+            if narrowed:
+                ex.extra.append(f"Accept-Encoding: {narrowed}\r\n".encode("latin-1"))
+        return None
+
+    def request_body(self, ex: Exchange, data: bytes) -> bytes:
+        route = ex.route
+        if route is None or not route.rewrite_links or not data:
+            return data
+        content_type = ex.head.header(b"content-type")
+        if not should_rewrite(content_type.decode("latin-1") if content_type else None, None):
+            return data
+        return reverse_rewrite(data, self._plan(route, ex.proxy_base())[0])
+
+    def body_transform(self, ex: Exchange, head: ResponseHead) -> BodyTransform | None:
+        route = ex.route
+        if route is None or not route.rewrite_links:
+            return None
+        content_type = head.header(b"content-type")
+        if not should_rewrite(content_type.decode("latin-1") if content_type else None, None):
+            return None
+        encoding = (head.header(b"content-encoding") or b"").strip().lower()
+        rewriter = MultiRewriter(self._plan(route, ex.proxy_base())[1])
+        if encoding in (b"", b"identity"):
+            return LinkTransform(rewriter)
+        if encoding in (b"gzip", b"x-gzip"):
+            return LinkTransform(rewriter, zlib.decompressobj(wbits=31), zlib.compressobj(wbits=31))
+        if encoding == b"deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)
+            return LinkTransform(rewriter, zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
+        return None  # br, zstd …: passed through untouched, links stay as they are
+
+    def _plan(self, route: Route, proxy_base: str) -> tuple[list[tuple[bytes, bytes]], RewritePlan]:
+        """Replacement pairs and their compiled plan for this route as the client addresses the proxy."""
+        key = (route.name, proxy_base)
+        cached = self._plans.get(key)
+        if cached is None:
+            pairs = link_rewrite_pairs(route.upstream, proxy_base + route.prefix)
+            cached = (pairs, RewritePlan.build(pairs))
+            if len(self._plans) < _PLAN_CACHE_LIMIT:
+                self._plans[key] = cached
+        return cached

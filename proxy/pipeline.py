@@ -1,0 +1,423 @@
+"""The forwarding core (Envoy's connection manager + router): run the filter chain, send the request upstream
+as bytes, stream the answer back.
+
+For each request: the chain's request hooks (guard, admin, route, credentials …) may answer it; otherwise the
+body is buffered up to ``limits.replay_buffer`` (so that it can be sent again after a 401 or a CSRF
+``Required``) or streamed on, the upstream request head is built directly from the client's header list (raw
+target byte-exact, hop-by-hop and ``Connection``-listed headers dropped, the filters' headers added), and the
+answer goes back either whole in one write (small sized bodies: an upstream that breaks off is then an honest
+502) or streamed from the upstream connection's read callback with flow control both ways.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from dataclasses import dataclass
+
+from proxy.exchange import CLIENT_DISCONNECTED, DRAIN_TIMEOUT, Exchange
+from proxy.filters.base import BodyTransform, Chain
+from proxy.http.heads import HOP_BY_HOP, Reply, RequestHead, ResponseHead, connection_listed, json_reply, status_line
+from proxy.http.listener import BodyTimeout, ClientConnection, ClientGone, RequestBody
+from proxy.http.upstream import UpstreamClosed, UpstreamConnection, UpstreamError, UpstreamPool
+
+log = logging.getLogger("odata_auth_proxy.forward")
+
+# Never copied from the client: set by us (Host, Authorization, Content-Length) or answered here (Expect).
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
+SMALL_BODY = 64 * 1024  # sized answers up to this are read whole and sent in one write
+_MAX_ATTEMPTS = 4  # first send, a 401 replay, a CSRF replay, one retry on a stale pooled connection
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    replay_limit: int
+    max_body: int | None
+    read_timeout: float
+
+
+class Pipeline:
+    """Runs one request through the chain and the upstream pool; called by the listener per request."""
+
+    def __init__(self, chain: Chain, pool: UpstreamPool, settings: PipelineSettings) -> None:
+        self.chain = chain
+        self.pool = pool
+        self.settings = settings
+
+    async def __call__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+        ex = Exchange(conn, head, body)
+        conn.on_cut = lambda why: _cut(ex, why)
+        try:
+            reply = None
+            for flt in self.chain.on_request:
+                reply = flt.request(ex)
+                if reply is not None:
+                    break
+            else:
+                for flt in self.chain.on_prepare:
+                    reply = await flt.prepare(ex)
+                    if reply is not None:
+                        break
+            if reply is None:
+                reply = await self._forward(ex)
+            if reply is not None:
+                self.answer(ex, reply)
+        except ClientGone:
+            if ex.error is None:
+                ex.error = CLIENT_DISCONNECTED
+                ex.status = 499
+            raise
+        finally:
+            if ex.status == 0:
+                ex.status = 500 if ex.error is None else 502
+            for flt in self.chain.on_finished:
+                flt.finished(ex)
+
+    # ---------------------------------------------------------------- the proxy's own answers
+
+    def answer(self, ex: Exchange, reply: Reply) -> None:
+        """Send a Reply with the chain's answer headers (request id, CORS)."""
+        conn = ex.conn
+        ex.status = reply.status
+        if conn.closed or conn.response_started:
+            return
+        lines = [status_line(reply.status)]
+        for name, value in reply.headers:
+            lines.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
+        for flt in self.chain.on_response_headers:
+            flt.response_headers(ex, lines)
+        if reply.status in (204, 304):  # RFC 9110 §8.6: no Content-Length on a 204, no body on either
+            conn.start_response(ex.head, b"".join(lines), None, keep_alive=not reply.close, has_body=False)
+            return
+        conn.start_response(
+            ex.head,
+            b"".join(lines),
+            len(reply.body),
+            keep_alive=not reply.close,
+            body=b"" if ex.head.method == "HEAD" else reply.body,
+            has_body=ex.head.method != "HEAD",
+        )
+
+    # ---------------------------------------------------------------- forwarding
+
+    async def _forward(self, ex: Exchange) -> Reply | None:
+        head, body, settings = ex.head, ex.body, self.settings
+        if head.has_body:
+            if settings.max_body is not None and (head.content_length or 0) > settings.max_body:
+                return self._too_large()
+            if head.expect_continue and not body.size and not body.complete:
+                ex.conn.send_continue()
+            try:
+                complete = await body.read_until(settings.replay_limit)
+            except BodyTimeout:
+                return self._body_timeout(ex)
+            if settings.max_body is not None and body.size > settings.max_body:
+                return self._too_large()
+            if complete:
+                data = body.take()
+                for flt in self.chain.on_request_body:
+                    data = flt.request_body(ex, data)
+                ex.body_data = data
+                ex.bytes_in = body.size
+            else:
+                ex.streaming = True
+        elif head.content_length == 0:
+            ex.body_data = b""
+        attempts = 0
+        replayed: set[int] = set()
+        while True:
+            attempts += 1
+            try:
+                up = await self.pool.acquire(ex.origin)  # type: ignore[arg-type]
+            except UpstreamError as exc:
+                return self._upstream_error(ex, exc)
+            try:
+                answer = await self._exchange(ex, up)
+            except UpstreamError as exc:
+                if ex.conn.closed:
+                    raise ClientGone from None  # the client went (or was cut): not the upstream's failure
+                if not isinstance(exc, UpstreamClosed):
+                    failed = self._upload_failure(ex)
+                    return failed if failed is not None else self._upstream_error(ex, exc)
+                failed = self._upload_failure(ex)
+                if failed is not None:
+                    return failed
+                if up.reused and ex.replayable and attempts < _MAX_ATTEMPTS:
+                    continue  # the pooled connection had been closed by the upstream: try a fresh one
+                return self._upstream_error(ex, exc)
+            replay: bool | Reply = False
+            for index, flt in enumerate(self.chain.on_answer):
+                if index in replayed:
+                    continue
+                replay = await flt.on_answer(ex, answer)
+                if replay is not False:
+                    if replay is True:
+                        replayed.add(index)
+                    break
+            if isinstance(replay, Reply):
+                self._discard(up)
+                return replay
+            if replay and ex.replayable and attempts < _MAX_ATTEMPTS:
+                self._discard(up)
+                continue
+            return await self._send_back(ex, up, answer)
+
+    def _upload_failure(self, ex: Exchange) -> Reply | None:
+        """The request body failed while streaming upstream: that, not the upstream, is the story."""
+        error = ex.body.error
+        if error is None:
+            return None
+        if isinstance(error, BodyTimeout):
+            return self._body_timeout(ex)
+        if isinstance(error, BodyTooLarge):
+            return self._too_large()
+        raise ClientGone
+
+    async def _exchange(self, ex: Exchange, up: UpstreamConnection) -> ResponseHead:
+        """Send the request (head and body) on ``up``; return the answer's head."""
+        head = ex.head
+        lines = [
+            f"{head.method} {ex.upstream_target} HTTP/1.1\r\nHost: ".encode("latin-1"),
+            ex.origin.host_header if ex.origin is not None else b"",
+            b"\r\n",
+        ]
+        added: list[bytes] = []
+        for flt in self.chain.on_upstream_headers:
+            flt.upstream_headers(ex, added)  # first: a filter may also drop the client's own version
+        drop = ex.drop
+        listed = connection_listed(head.headers) if head.header(b"connection") is not None else ()
+        for lname, name, value in head.headers:
+            if lname in _REQUEST_DROP or lname in listed or lname in drop or lname.startswith(b"proxy-"):
+                continue
+            lines.append(b"%s: %s\r\n" % (name, value))
+        lines.extend(ex.extra)
+        lines.extend(added)
+        data = ex.body_data
+        client_chunked = False
+        if data is not None:
+            if data or head.has_body or head.method in ("POST", "PUT", "PATCH", "MERGE"):
+                lines.append(b"Content-Length: %d\r\n\r\n" % len(data))
+                lines.append(data)
+            else:
+                lines.append(b"\r\n")
+        elif ex.streaming:
+            if head.content_length is not None:
+                lines.append(b"Content-Length: %d\r\n\r\n" % head.content_length)
+            else:
+                client_chunked = True
+                lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        else:
+            lines.append(b"\r\n")
+        up.begin(b"".join(lines), head_request=head.method == "HEAD")
+        conn = ex.conn
+        conn.on_lost = up.abort  # a client that goes away releases the upstream at once
+        read_timeout = self.settings.read_timeout
+
+        def watchdog(now: float) -> None:
+            if not up.complete and not up.closed and not conn.write_paused and now - up.last_read > read_timeout:
+                up.timed_out()
+
+        conn.watchdog = watchdog
+        if ex.streaming:
+            self._stream_upload(ex, up, client_chunked)
+        return await up.response_head()
+
+    def _stream_upload(self, ex: Exchange, up: UpstreamConnection, chunked: bool) -> None:
+        body, max_body = ex.body, self.settings.max_body
+        up.flow_peer = ex.conn
+
+        def sink(chunk: bytes) -> None:
+            if max_body is not None and body.size > max_body:
+                body.fail(BodyTooLarge())
+                return
+            up.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked else chunk)
+
+        def end() -> None:
+            ex.bytes_in = body.size
+            if chunked:
+                up.write(b"0\r\n\r\n")
+
+        def failed(error: BaseException) -> None:
+            ex.bytes_in = body.size
+            up.abort()  # the upstream must never see a complete request made of a partial body
+
+        body.stream_to(sink, end, failed)
+
+    def _discard(self, up: UpstreamConnection) -> None:
+        """An answer the client will not see (replaced by a replay): keep the connection only if it is done."""
+        if up.complete and up.reusable:
+            up.take_body()
+            self.pool.release(up)
+        else:
+            up.abort()
+
+    # ---------------------------------------------------------------- the answer, back to the client
+
+    def _client_head(self, ex: Exchange, answer: ResponseHead) -> list[bytes]:
+        """Status line and headers for the client: hop-by-hop and framing dropped, rewrites applied."""
+        lines = [status_line(answer.status, answer.reason)]
+        listed = connection_listed(answer.headers) if answer.header(b"connection") is not None else ()
+        rewrites = self.chain.header_rewrites
+        for lname, name, value in answer.headers:
+            if lname in HOP_BY_HOP or lname in listed or lname == b"content-length":
+                continue
+            if lname in rewrites:
+                value = rewrites[lname](ex, value)
+            lines.append(b"%s: %s\r\n" % (name, value))
+        for flt in self.chain.on_response_headers:
+            flt.response_headers(ex, lines, answer)
+        return lines
+
+    async def _send_back(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead) -> Reply | None:
+        head, conn = ex.head, ex.conn
+        ex.upstream_status = answer.status
+        ex.status = answer.status
+        has_body = head.method != "HEAD" and answer.status not in (204, 304)
+        transform: BodyTransform | None = None
+        if has_body:
+            for flt in self.chain.on_body:
+                transform = flt.body_transform(ex, answer)
+                if transform is not None:
+                    break
+        length = answer.content_length
+        if not has_body:
+            lines = self._client_head(ex, answer)
+            conn.start_response(head, b"".join(lines), length if head.method == "HEAD" else None, has_body=False)
+            self._done_with(ex, up)
+            return None
+        if up.complete or (length is not None and length <= SMALL_BODY):
+            try:
+                await up.wait_complete()
+                data = up.take_body()
+                if transform is not None:
+                    data = transform.feed(data) + transform.flush()
+            except (UpstreamError, zlib.error) as exc:
+                up.abort()
+                detail = "the upstream broke off its " + (f"{length}-byte answer" if length is not None else "answer")
+                received = getattr(exc, "received", 0)
+                if received:
+                    detail += f" after {received} bytes"
+                ex.error = "upstream_body_incomplete"
+                log.warning("route %s: %s (%s)", ex.route.name if ex.route else "-", detail, exc.__class__.__name__)
+                return json_reply(
+                    502,
+                    {
+                        "error": "upstream_body_incomplete",
+                        "detail": detail,
+                        "route": ex.route.name if ex.route else None,
+                        "upstream_status": answer.status,
+                    },
+                )
+            lines = self._client_head(ex, answer)
+            conn.start_response(head, b"".join(lines), len(data), body=data)
+            self._done_with(ex, up)
+            return None
+        lines = self._client_head(ex, answer)
+        conn.start_response(head, b"".join(lines), None if transform is not None else length)
+        await self._stream_download(ex, up, transform)
+        return None
+
+    async def _stream_download(self, ex: Exchange, up: UpstreamConnection, transform: BodyTransform | None) -> None:
+        conn = ex.conn
+        broken: list[BaseException] = []
+
+        if transform is None:
+            sink = conn.send_body
+        else:
+
+            def sink(chunk: bytes) -> None:
+                if broken:
+                    return
+                try:
+                    conn.send_body(transform.feed(chunk))
+                except zlib.error as exc:
+                    broken.append(exc)
+                    up.abort()
+
+        conn.flow_peer = up
+        if conn.write_paused:
+            up.pause_reading()
+        conn.on_lost = up.abort
+        up.stream_to(sink)
+        try:
+            await up.wait_complete()
+            if transform is not None and not broken:
+                conn.send_body(transform.flush())
+        except UpstreamError as exc:
+            if conn.closed:
+                if ex.error is None:
+                    ex.error = CLIENT_DISCONNECTED
+                    ex.status = 499
+                    log.info(
+                        "route %s: client disconnected during the download after %d bytes",
+                        ex.route.name if ex.route else "-",
+                        conn.bytes_out,
+                    )
+                raise ClientGone from None
+            cause = broken[0] if broken else exc
+            log.warning(
+                "route %s: upstream body broke off after %d bytes (%s); closing the client connection",
+                ex.route.name if ex.route else "-",
+                conn.bytes_out,
+                cause.__class__.__name__,
+            )
+            ex.error = "upstream_body_incomplete"
+            conn.abort_response()
+            return
+        conn.end_response()
+        self._done_with(ex, up)
+
+    def _done_with(self, ex: Exchange, up: UpstreamConnection) -> None:
+        if ex.streaming and not ex.body.complete:
+            ex.body.detach()  # the upstream answered before the whole upload: that connection is spent
+            up.abort()
+            return
+        self.pool.release(up)
+
+    # ---------------------------------------------------------------- failures
+
+    def _too_large(self) -> Reply:
+        limit = self.settings.max_body
+        return json_reply(
+            413,
+            {
+                "error": "request_body_too_large",
+                "detail": f"the request body exceeds limits.max_body_size ({limit} bytes)",
+            },
+            close=True,
+        )
+
+    def _body_timeout(self, ex: Exchange) -> Reply:
+        ex.error = "client_body_timeout"
+        return json_reply(
+            408,
+            {
+                "error": "request_timeout",
+                "detail": "the request body stopped arriving (timeouts.client_body); nothing was completed upstream",
+            },
+            close=True,
+        )
+
+    def _upstream_error(self, ex: Exchange, exc: UpstreamError) -> Reply:
+        ex.error = exc.code
+        route = ex.route.name if ex.route is not None else "-"
+        log.warning("route %s: %s (%s)", route, exc.code, exc.detail)
+        upstream = _origin_text(ex.route.upstream) if ex.route is not None else None
+        return json_reply(exc.status, {"error": exc.code, "detail": exc.detail, "upstream": upstream, "route": route})
+
+
+def _origin_text(upstream: str) -> str:
+    scheme, _, rest = upstream.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+def _cut(ex: Exchange, why: str) -> None:
+    """The listener cut the connection (drain budget spent, stalled reader): record why, for the access log."""
+    ex.error = DRAIN_TIMEOUT if why == "drain_timeout" else why
+    if ex.status in (0, 499):
+        ex.status = 503 if why == "drain_timeout" else 408
+    ex.body.fail(ClientGone())
