@@ -27,7 +27,7 @@ from proxy.filters.credentials import CredentialsFilter
 from proxy.filters.csrf import CsrfFilter
 from proxy.filters.guard import GuardFilter
 from proxy.filters.links import LinksFilter
-from proxy.filters.observe import ObserveFilter
+from proxy.filters.observe import InFlightFilter, ObserveFilter
 from proxy.filters.route import LocationFilter, RouteFilter
 from proxy.guard import Guard, GuardSettings
 from proxy.http.upstream import UpstreamPool
@@ -180,6 +180,7 @@ class Runtime:
                 GuardFilter(Guard(guard_settings(config))),
                 AdminFilter(state or (lambda: ProxyState(self, metrics)), serve=config.admin_listen is None),
                 RouteFilter(self.router),
+                InFlightFilter(metrics),
                 LinksFilter(),
                 LocationFilter(),
                 self.csrf,

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     from proxy.config import Route
     from proxy.http.heads import RequestHead
     from proxy.http.listener import ClientConnection, RequestBody
-    from proxy.http.upstream import Origin
+    from proxy.http.upstream import Origin, UpstreamConnection
     from proxy.tokens import Token
 
 CLIENT_DISCONNECTED = "client_disconnected"
@@ -42,6 +42,7 @@ class Exchange:
         "status",
         "streaming",
         "token",
+        "upstream",
         "upstream_status",
         "upstream_target",
     )
@@ -62,6 +63,7 @@ class Exchange:
         self.cors_origin: str | None = None
         self.body_data: bytes | None = None  # the buffered (replayable) body
         self.streaming = False  # the body streams on: it cannot be sent twice
+        self.upstream: UpstreamConnection | None = None  # the connection carrying the current attempt
         self.upstream_status: int | None = None
         self.status = 0
         self.bytes_in = 0
@@ -79,6 +81,15 @@ class Exchange:
     @property
     def bytes_out(self) -> int:
         return self.conn.bytes_out
+
+    def cut(self, why: str) -> None:
+        """The listener cut the connection (drain budget spent, stalled reader): record why, for the access log."""
+        from proxy.http.listener import ClientGone
+
+        self.error = DRAIN_TIMEOUT if why == "drain_timeout" else why
+        if self.status in (0, 499):
+            self.status = 503 if why == "drain_timeout" else 408
+        self.body.fail(ClientGone())
 
     def proxy_base(self) -> str:
         """``http://host[:port]`` as the client addressed the proxy (the guard has vetted the Host header);

@@ -79,6 +79,7 @@ _CORS_MAX_AGE = "600"
 _REALM_CHALLENGE = 'Bearer realm="odata-auth-proxy"'
 _MAX_ECHO = 100
 _MAX_DECODE_ROUNDS = 4
+_HOST_CACHE_LIMIT = 256  # distinct Host values remembered (bounded: the header is the client's to choose)
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
@@ -274,6 +275,7 @@ class Guard:
 
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
+        self._host_verdicts: dict[str, bool] = {}
         hosts: set[tuple[str, str | None]] = set()
         for entry in settings.allowed_hosts:
             parsed = _split_host_port(entry)
@@ -392,6 +394,16 @@ class Guard:
         canonical = _canonical_host(host)
         return any(name == canonical and (want is None or want == port) for name, want in self.allowed_hosts)
 
+    def _host_value_allowed(self, value: str) -> bool:
+        """``host_allowed`` for a raw ``Host`` value, remembered: clients send the same few values all day."""
+        known = self._host_verdicts.get(value)
+        if known is None:
+            parsed = _split_host_port(value)
+            known = parsed is not None and self.host_allowed(*parsed)
+            if len(self._host_verdicts) < _HOST_CACHE_LIMIT:
+                self._host_verdicts[value] = known
+        return known
+
     def check_host(self, request: GuardedRequest) -> Reply | None:
         values = request.headers.getall("Host", [])
         if not values:
@@ -404,10 +416,8 @@ class Guard:
                 "HTTP/1.1 requests must carry a Host header; send Host: 127.0.0.1:PORT or localhost:PORT.",
                 close=True,
             )
-        if len(values) == 1:
-            parsed = _split_host_port(values[0])
-            if parsed is not None and self.host_allowed(*parsed):
-                return None
+        if len(values) == 1 and self._host_value_allowed(values[0]):
+            return None
         shown = self.show(", ".join(values))
         return self.refuse(
             request,

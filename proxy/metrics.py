@@ -20,6 +20,7 @@ task is needed.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -36,7 +37,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 import proxy
 
@@ -138,6 +139,89 @@ class _TokenExpiryCollector:
         return [family]
 
 
+class _RequestCollector:
+    """``requests_in_flight``, ``requests_total``, ``request_duration_seconds``, ``request_bytes_total`` and
+    ``response_bytes_total``, kept as plain numbers (the proxy's event loop is the only writer) and exposed
+    as metric families when scraped."""
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self._buckets = buckets
+        self._in_flight: dict[str, int] = {}
+        self._totals: dict[tuple[str, str, str], int] = {}
+        # (route, method) -> per-bucket counts (not cumulative; the last one is +Inf), then sum
+        self._durations: dict[tuple[str, str], list[float]] = {}
+        self._bytes_in: dict[str, int] = {}
+        self._bytes_out: dict[str, int] = {}
+        self._labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
+
+    def started(self, route: str) -> None:
+        label = route_label(route)
+        self._in_flight[label] = self._in_flight.get(label, 0) + 1
+
+    def finished(self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+        key = (route, method, status // 100 if 100 <= status <= 599 else 0)
+        labels = self._labels.get(key)
+        if labels is None:
+            labels = (route_label(route), method_label(method), status_class(status))
+            if len(self._labels) < 4096:  # bounded: routes x known methods x status classes
+                self._labels[key] = labels
+        r, m, c = labels
+        self._in_flight[r] = self._in_flight.get(r, 0) - 1
+        self._totals[(r, m, c)] = self._totals.get((r, m, c), 0) + 1
+        durations = self._durations.get((r, m))
+        if durations is None:
+            durations = self._durations[(r, m)] = [0.0] * (len(self._buckets) + 2)
+        seconds = max(0.0, seconds)
+        durations[bisect.bisect_left(self._buckets, seconds)] += 1
+        durations[-1] += seconds
+        self._bytes_in[r] = self._bytes_in.get(r, 0) + max(0, bytes_in)
+        self._bytes_out[r] = self._bytes_out.get(r, 0) + max(0, bytes_out)
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self._families(empty=True))
+
+    def collect(self) -> Iterable[Metric]:
+        return list(self._families(empty=False))
+
+    def _families(self, *, empty: bool) -> Iterable[Metric]:
+        in_flight = GaugeMetricFamily(
+            f"{PREFIX}_requests_in_flight", "Client requests currently being proxied.", labels=["route"]
+        )
+        totals = CounterMetricFamily(
+            f"{PREFIX}_requests",
+            "Client requests completed, by route, method and status class.",
+            labels=["route", "method", "status_class"],
+        )
+        durations = HistogramMetricFamily(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from receiving a client request until its response was finished.",
+            labels=["route", "method"],
+        )
+        bytes_in = CounterMetricFamily(
+            f"{PREFIX}_request_bytes", "Request body bytes received from clients.", labels=["route"]
+        )
+        bytes_out = CounterMetricFamily(
+            f"{PREFIX}_response_bytes", "Response body bytes sent to clients.", labels=["route"]
+        )
+        if not empty:
+            for route, flying in sorted(self._in_flight.items()):
+                in_flight.add_metric([route], flying)
+            for labels, total in sorted(self._totals.items()):
+                totals.add_metric(list(labels), total)
+            for (route, method), counts in sorted(self._durations.items()):
+                cumulative = 0.0
+                buckets: list[tuple[str, float]] = []
+                for bound, in_bucket in zip((*self._buckets, math.inf), counts[:-1], strict=True):
+                    cumulative += in_bucket
+                    buckets.append(("+Inf" if math.isinf(bound) else repr(bound), cumulative))
+                durations.add_metric([route, method], buckets, counts[-1])
+            for route, value in sorted(self._bytes_in.items()):
+                bytes_in.add_metric([route], value)
+            for route, value in sorted(self._bytes_out.items()):
+                bytes_out.add_metric([route], value)
+        return [in_flight, totals, durations, bytes_in, bytes_out]
+
+
 class ProxyMetrics:
     """All metrics of one proxy application, on a registry of their own."""
 
@@ -146,9 +230,6 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
-        # label children cached per request shape: .labels() costs more than the increment itself
-        self._request_children: dict[tuple[str, str, int], tuple[Gauge, Counter, Histogram, Counter, Counter]] = {}
-        self._inflight_children: dict[str, Gauge] = {}
 
         # Standard process/platform/GC metrics, explicitly on our registry (not the global one).
         ProcessCollector(registry=reg)
@@ -164,42 +245,10 @@ class ProxyMetrics:
         )
         self.build_info.labels(version=proxy.__version__).set(1)
 
-        self.requests_in_flight = Gauge(
-            "requests_in_flight",
-            "Client requests currently being proxied.",
-            ["route"],
-            namespace=PREFIX,
-            registry=reg,
-        )
-        self.requests_total = Counter(
-            "requests_total",
-            "Client requests completed, by route, method and status class.",
-            ["route", "method", "status_class"],
-            namespace=PREFIX,
-            registry=reg,
-        )
-        self.request_duration_seconds = Histogram(
-            "request_duration_seconds",
-            "Time from receiving a client request until its response was finished.",
-            ["route", "method"],
-            namespace=PREFIX,
-            registry=reg,
-            buckets=REQUEST_BUCKETS,
-        )
-        self.request_bytes_total = Counter(
-            "request_bytes_total",
-            "Request body bytes received from clients.",
-            ["route"],
-            namespace=PREFIX,
-            registry=reg,
-        )
-        self.response_bytes_total = Counter(
-            "response_bytes_total",
-            "Response body bytes sent to clients.",
-            ["route"],
-            namespace=PREFIX,
-            registry=reg,
-        )
+        # the request metrics are counted in plain Python and turned into families at scrape time: the
+        # prometheus-client objects take a lock and validate per call, several microseconds per request
+        self._requests = _RequestCollector(REQUEST_BUCKETS)
+        reg.register(self._requests)
         self.token_fetches_total = Counter(
             "token_fetches_total",
             "Token endpoint requests, by outcome (ok, invalid_client, network, timeout, tls, bad_response, ...).",
@@ -255,10 +304,7 @@ class ProxyMetrics:
     # -- client requests --------------------------------------------------------------------------
 
     def request_started(self, route: str) -> None:
-        gauge = self._inflight_children.get(route)
-        if gauge is None:
-            gauge = self._inflight_children[route] = self.requests_in_flight.labels(route=route_label(route))
-        gauge.inc()
+        self._requests.started(route)
 
     def request_finished(
         self,
@@ -269,25 +315,7 @@ class ProxyMetrics:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        m = method_label(method)
-        key = (route, m, status // 100)
-        children = self._request_children.get(key)
-        if children is None:
-            r = route_label(route)
-            children = (
-                self.requests_in_flight.labels(route=r),
-                self.requests_total.labels(route=r, method=m, status_class=status_class(status)),
-                self.request_duration_seconds.labels(route=r, method=m),
-                self.request_bytes_total.labels(route=r),
-                self.response_bytes_total.labels(route=r),
-            )
-            self._request_children[key] = children  # bounded: routes x known methods x status classes
-        inflight, total, duration, bytes_in_total, bytes_out_total = children
-        inflight.dec()
-        total.inc()
-        duration.observe(max(0.0, seconds))
-        bytes_in_total.inc(max(0, bytes_in))
-        bytes_out_total.inc(max(0, bytes_out))
+        self._requests.finished(route, method, status, seconds, bytes_in, bytes_out)
 
     # -- tokens -----------------------------------------------------------------------------------
 

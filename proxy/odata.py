@@ -164,6 +164,14 @@ class MultiRewriter:
         held, self._held = self._held, b""
         return self._process(held, final=True)
 
+    def rewrite(self, body: bytes) -> bytes:
+        """A whole body at once (same result as ``feed(body) + flush()``, without the tail bookkeeping)."""
+        if self._regex is None:
+            return body
+        data = self._held + body if self._held else body
+        self._held = b""
+        return self._process(data, final=True)
+
     def _process(self, buf: bytes, *, final: bool) -> bytes:
         regex = self._regex
         assert regex is not None

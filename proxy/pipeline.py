@@ -15,8 +15,8 @@ import logging
 import zlib
 from dataclasses import dataclass
 
-from proxy.exchange import CLIENT_DISCONNECTED, DRAIN_TIMEOUT, Exchange
-from proxy.filters.base import BodyTransform, Chain
+from proxy.exchange import CLIENT_DISCONNECTED, Exchange
+from proxy.filters.base import PENDING, BodyTransform, Chain, Filter, Pending
 from proxy.http.heads import HOP_BY_HOP, Reply, RequestHead, ResponseHead, connection_listed, json_reply, status_line
 from proxy.http.listener import BodyTimeout, ClientConnection, ClientGone, RequestBody
 from proxy.http.upstream import UpstreamClosed, UpstreamConnection, UpstreamError, UpstreamPool
@@ -50,21 +50,25 @@ class Pipeline:
 
     async def __call__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
         ex = Exchange(conn, head, body)
-        conn.on_cut = lambda why: _cut(ex, why)
+        conn.exchange = ex
         try:
-            reply = None
+            reply: Reply | Pending | None = None
+            pending: list[Filter] | None = None
             for flt in self.chain.on_request:
                 reply = flt.request(ex)
                 if reply is not None:
-                    break
-            else:
-                for flt in self.chain.on_prepare:
+                    if reply is not PENDING:
+                        break
+                    reply = None
+                    pending = [flt] if pending is None else [*pending, flt]
+            if reply is None and pending is not None:
+                for flt in pending:
                     reply = await flt.prepare(ex)
                     if reply is not None:
                         break
             if reply is None:
                 reply = await self._forward(ex)
-            if reply is not None:
+            if isinstance(reply, Reply):
                 self.answer(ex, reply)
         except ClientGone:
             if ex.error is None:
@@ -131,10 +135,13 @@ class Pipeline:
         replayed: set[int] = set()
         while True:
             attempts += 1
-            try:
-                up = await self.pool.acquire(ex.origin)  # type: ignore[arg-type]
-            except UpstreamError as exc:
-                return self._upstream_error(ex, exc)
+            assert ex.origin is not None
+            up = self.pool.take_idle(ex.origin)
+            if up is None:
+                try:
+                    up = await self.pool.connect(ex.origin)
+                except UpstreamError as exc:
+                    return self._upstream_error(ex, exc)
             try:
                 answer = await self._exchange(ex, up)
             except UpstreamError as exc:
@@ -150,7 +157,7 @@ class Pipeline:
                     continue  # the pooled connection had been closed by the upstream: try a fresh one
                 return self._upstream_error(ex, exc)
             replay: bool | Reply = False
-            for index, flt in enumerate(self.chain.on_answer):
+            for index, flt in enumerate(self.chain.on_answer if answer.status in self.chain.answer_statuses else ()):
                 if index in replayed:
                     continue
                 replay = await flt.on_answer(ex, answer)
@@ -215,16 +222,20 @@ class Pipeline:
         up.begin(b"".join(lines), head_request=head.method == "HEAD")
         conn = ex.conn
         conn.on_lost = up.abort  # a client that goes away releases the upstream at once
-        read_timeout = self.settings.read_timeout
-
-        def watchdog(now: float) -> None:
-            if not up.complete and not up.closed and not conn.write_paused and now - up.last_read > read_timeout:
-                up.timed_out()
-
-        conn.watchdog = watchdog
+        ex.upstream = up
+        conn.watchdog = self._watchdog
         if ex.streaming:
             self._stream_upload(ex, up, client_chunked)
         return await up.response_head()
+
+    def _watchdog(self, conn: ClientConnection, now: float) -> None:
+        """From the listener's sweep: an upstream silent for ``timeouts.read`` is given up (504 or a cut)."""
+        ex = conn.exchange
+        up = ex.upstream if ex is not None else None
+        if up is None or up.complete or up.closed or conn.write_paused:
+            return
+        if now - up.last_read > self.settings.read_timeout:
+            up.timed_out()
 
     def _stream_upload(self, ex: Exchange, up: UpstreamConnection, chunked: bool) -> None:
         body, max_body = ex.body, self.settings.max_body
@@ -260,14 +271,15 @@ class Pipeline:
     def _client_head(self, ex: Exchange, answer: ResponseHead) -> list[bytes]:
         """Status line and headers for the client: hop-by-hop and framing dropped, rewrites applied."""
         lines = [status_line(answer.status, answer.reason)]
-        listed = connection_listed(answer.headers) if answer.header(b"connection") is not None else ()
+        listed = connection_listed(answer.headers)
         rewrites = self.chain.header_rewrites
+        append = lines.append
         for lname, name, value in answer.headers:
-            if lname in HOP_BY_HOP or lname in listed or lname == b"content-length":
+            if lname in HOP_BY_HOP or lname == b"content-length" or (listed and lname in listed):
                 continue
             if lname in rewrites:
                 value = rewrites[lname](ex, value)
-            lines.append(b"%s: %s\r\n" % (name, value))
+            append(b"%s: %s\r\n" % (name, value))
         for flt in self.chain.on_response_headers:
             flt.response_headers(ex, lines, answer)
         return lines
@@ -291,10 +303,11 @@ class Pipeline:
             return None
         if up.complete or (length is not None and length <= SMALL_BODY):
             try:
-                await up.wait_complete()
+                if not up.complete:
+                    await up.wait_complete()
                 data = up.take_body()
                 if transform is not None:
-                    data = transform.feed(data) + transform.flush()
+                    data = transform.whole(data)
             except (UpstreamError, zlib.error) as exc:
                 up.abort()
                 detail = "the upstream broke off its " + (f"{length}-byte answer" if length is not None else "answer")
@@ -413,11 +426,3 @@ class Pipeline:
 def _origin_text(upstream: str) -> str:
     scheme, _, rest = upstream.partition("://")
     return f"{scheme}://{rest.split('/', 1)[0]}"
-
-
-def _cut(ex: Exchange, why: str) -> None:
-    """The listener cut the connection (drain budget spent, stalled reader): record why, for the access log."""
-    ex.error = DRAIN_TIMEOUT if why == "drain_timeout" else why
-    if ex.status in (0, 499):
-        ex.status = 503 if why == "drain_timeout" else 408
-    ex.body.fail(ClientGone())

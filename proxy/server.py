@@ -22,8 +22,7 @@ from aiohttp import web
 from proxy.app import Prepared, ProxyState, Runtime, TokenSourceFactory, build_admin_app
 from proxy.config import Config, ConfigError
 from proxy.guard import listen_address_problem
-from proxy.http.heads import RequestHead
-from proxy.http.listener import ClientConnection, Listener, ListenerSettings, RequestBody
+from proxy.http.listener import Listener, ListenerSettings
 from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import ProxyMetrics
 
@@ -108,10 +107,6 @@ class ProxyServer:
         assert self.state is not None
         return self.state
 
-    async def _handle(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
-        assert self.state is not None
-        await self.state.runtime.pipeline(conn, head, body)
-
     async def start(self) -> None:
         config = self.prepared.config
         runtime = self._runtime(self.prepared)
@@ -119,7 +114,7 @@ class ProxyServer:
         runtime.start()
         timeouts, limits = config.timeouts, config.limits
         self.listener = Listener(
-            self._handle,
+            runtime.pipeline,  # swapped on reload: requests in flight finish on the runtime they started with
             ListenerSettings(
                 max_header_size=limits.max_header_size,
                 max_headers=limits.max_headers,
@@ -251,6 +246,8 @@ class ProxyServer:
         self._replaced = [r for r in self._replaced if not r.closed]
         self._replaced.append(self.state.runtime)
         self.state.swap(runtime, grace=old.shutdown_timeout)
+        if self.listener is not None:
+            self.listener.handler = runtime.pipeline
         self.prepared = prepared
         log.info("reloaded configuration: %d route(s)", len(new.routes))
         return True

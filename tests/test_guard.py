@@ -22,7 +22,7 @@ import pytest
 from multidict import CIMultiDict
 
 from proxy.exchange import Exchange
-from proxy.filters.base import Chain, Filter
+from proxy.filters.base import PENDING, Chain, Filter, Pending
 from proxy.filters.guard import GuardFilter
 from proxy.guard import (
     ADMIN_PREFIX,
@@ -107,6 +107,9 @@ class RecordingFilter(Filter):
     def __init__(self, served: Served, stream_origin: Origin) -> None:
         self.served = served
         self.stream_origin = stream_origin
+
+    def request(self, ex: Exchange) -> Pending:
+        return PENDING  # the recording needs the body: done in prepare
 
     async def prepare(self, ex: Exchange) -> Reply | None:
         await ex.body.read_until(10**7)

@@ -23,22 +23,35 @@ class BodyTransform(Protocol):
 
     def feed(self, chunk: bytes) -> bytes: ...
     def flush(self) -> bytes: ...
+    def whole(self, body: bytes) -> bytes: ...
 
 
 HeaderRewrite = Callable[[Exchange, bytes], bytes]
+
+
+class Pending:
+    """What ``Filter.request`` returns when it needs its ``prepare`` awaited (the rare, asynchronous case)."""
+
+    __slots__ = ()
+
+
+PENDING = Pending()
 
 
 class Filter:
     """Base class: every hook does nothing. Override the ones the filter needs."""
 
     name = "filter"
+    #: the answer statuses ``on_answer`` acts on; the core calls it for no other
+    answer_statuses: frozenset[int] = frozenset()
 
-    def request(self, ex: Exchange) -> Reply | None:
-        """The request head arrived: answer it here (return a Reply) or let it go on (None)."""
+    def request(self, ex: Exchange) -> Reply | Pending | None:
+        """The request head arrived: answer it here (a Reply), let it go on (None), or ask for ``prepare``
+        to be awaited before the request goes upstream (``PENDING``: a token must be fetched first)."""
         return None
 
     async def prepare(self, ex: Exchange) -> Reply | None:
-        """Asynchronous work before the request goes upstream (a token); may answer instead."""
+        """Asynchronous work this filter asked for with ``PENDING``; may answer instead."""
         return None
 
     def request_body(self, ex: Exchange, data: bytes) -> bytes:
@@ -81,10 +94,10 @@ class Chain:
             return tuple(f for f in self.filters if _overrides(f, hook))
 
         self.on_request = pick("request")
-        self.on_prepare = pick("prepare")
         self.on_request_body = pick("request_body")
         self.on_upstream_headers = pick("upstream_headers")
         self.on_answer = pick("on_answer")
+        self.answer_statuses = frozenset().union(*(f.answer_statuses for f in self.on_answer))
         self.on_response_headers = pick("response_headers")
         self.on_body = pick("body_transform")
         self.on_finished = tuple(reversed(pick("finished")))

@@ -9,29 +9,34 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from proxy.exchange import Exchange
-from proxy.filters.base import Filter
+from proxy.filters.base import PENDING, Filter, Pending
 from proxy.http.heads import Reply, ResponseHead, json_reply
 from proxy.tokens import Token, TokenError, TokenManager
 
 
 class CredentialsFilter(Filter):
     name = "credentials"
+    answer_statuses = frozenset({401})
 
     def __init__(self, managers: Mapping[str, TokenManager]) -> None:
         self.managers = managers
         self._header: tuple[Token | None, bytes] = (None, b"")
 
+    def request(self, ex: Exchange) -> Pending | None:
+        assert ex.route is not None
+        token = self.managers[ex.route.name].current
+        if token is None:
+            return PENDING  # no valid token at hand: wait for one (single flight) in prepare
+        ex.token = token
+        return None
+
     async def prepare(self, ex: Exchange) -> Reply | None:
         assert ex.route is not None
-        manager = self.managers[ex.route.name]
-        token = manager.current
-        if token is None:
-            try:
-                token = await manager.get()
-            except TokenError as exc:
-                ex.error = exc.error
-                return json_reply(exc.status, exc.as_json())
-        ex.token = token
+        try:
+            ex.token = await self.managers[ex.route.name].get()
+        except TokenError as exc:
+            ex.error = exc.error
+            return json_reply(exc.status, exc.as_json())
         return None
 
     def upstream_headers(self, ex: Exchange, out: list[bytes]) -> None:

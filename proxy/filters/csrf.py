@@ -30,6 +30,7 @@ log = logging.getLogger("odata_auth_proxy.forward")
 
 class CsrfFilter(Filter):
     name = "csrf"
+    answer_statuses = frozenset({403})
 
     def __init__(
         self, session: aiohttp.ClientSession, proxy_for: Callable[[str], str | None], timeout: float = 30.0

@@ -33,6 +33,12 @@ class LinkTransform:
         # sync-flush per chunk: the client gets each piece without waiting for the compressor's window
         return self.compress.compress(data) + self.compress.flush(zlib.Z_SYNC_FLUSH) if data else b""
 
+    def whole(self, body: bytes) -> bytes:
+        """A whole (small) body at once."""
+        if self.decompress is None or self.compress is None:
+            return self.rewriter.rewrite(body)
+        return self.feed(body) + self.flush()
+
     def flush(self) -> bytes:
         if self.decompress is None or self.compress is None:
             return self.rewriter.flush()
@@ -51,6 +57,7 @@ class LinksFilter(Filter):
 
     def __init__(self) -> None:
         self._plans: dict[tuple[str, str], tuple[list[tuple[bytes, bytes]], RewritePlan]] = {}
+        self._types: dict[bytes, bool] = {}
 
     def request(self, ex: Exchange) -> None:
         route = ex.route
@@ -78,7 +85,7 @@ class LinksFilter(Filter):
         if route is None or not route.rewrite_links:
             return None
         content_type = head.header(b"content-type")
-        if not should_rewrite(content_type.decode("latin-1") if content_type else None, None):
+        if content_type is None or not self._rewritable(content_type):
             return None
         encoding = (head.header(b"content-encoding") or b"").strip().lower()
         rewriter = MultiRewriter(self._plan(route, ex.proxy_base())[1])
@@ -89,6 +96,15 @@ class LinksFilter(Filter):
         if encoding == b"deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)
             return LinkTransform(rewriter, zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
         return None  # br, zstd …: passed through untouched, links stay as they are
+
+    def _rewritable(self, content_type: bytes) -> bool:
+        """``should_rewrite`` for a Content-Type value, remembered (upstreams use a handful of values)."""
+        verdict = self._types.get(content_type)
+        if verdict is None:
+            verdict = should_rewrite(content_type.decode("latin-1"), None)
+            if len(self._types) < _PLAN_CACHE_LIMIT:
+                self._types[content_type] = verdict
+        return verdict
 
     def _plan(self, route: Route, proxy_base: str) -> tuple[list[tuple[bytes, bytes]], RewritePlan]:
         """Replacement pairs and their compiled plan for this route as the client addresses the proxy."""

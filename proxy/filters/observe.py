@@ -20,10 +20,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 class ObserveFilter(Filter):
-    """First in the chain (its ``finished`` runs last): names the request, times it, logs and counts it.
+    """First in the chain (its ``finished`` runs last): names the request, then logs and counts it.
 
     Request ids come from a random per-process prefix and a counter (unique, and ten times cheaper than
-    ``uuid4``); a client's own well-formed ``X-Request-Id`` is kept and passed on.
+    ``uuid4``); a client's own well-formed ``X-Request-Id`` is kept and passed on. Requests in flight are
+    counted by :class:`InFlightFilter`, which runs once the route is known.
     """
 
     name = "observe"
@@ -55,11 +56,6 @@ class ObserveFilter(Filter):
                 return None
         ex.request_id = f"{self._prefix}-{next(self._counter):x}"
         ex.drop.add(b"x-request-id")
-        return None
-
-    async def prepare(self, ex: Exchange) -> None:
-        if ex.route is not None:
-            self.metrics.request_started(ex.route.name)
         return None
 
     def upstream_headers(self, ex: Exchange, out: list[bytes]) -> None:
@@ -97,3 +93,17 @@ class ObserveFilter(Filter):
             message += f" worker={self.worker}"
         level = logging.DEBUG if head.target.startswith(ADMIN_PREFIX) else logging.INFO
         self.access_log.log(level, message, fields)
+
+
+class InFlightFilter(Filter):
+    """Counts a routed request as in flight (``requests_in_flight``); ``ObserveFilter`` counts it done."""
+
+    name = "in_flight"
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.metrics = metrics
+
+    def request(self, ex: Exchange) -> None:
+        if ex.route is not None:
+            self.metrics.request_started(ex.route.name)
+        return None

@@ -6,6 +6,7 @@ them, it does not build dictionaries. Lookups (a handful per request, by the fil
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
@@ -46,13 +47,23 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # hop-by-hop already: nothing more to drop
+
+
 def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
     """Header names a ``Connection`` header lists (they are hop-by-hop for this message only)."""
     listed: set[bytes] = set()
     for lname, _, value in headers:
         if lname == b"connection":
+            if value.lower() in _PLAIN_CONNECTION:
+                continue
             listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(listed)
+
+
+@functools.lru_cache(maxsize=256)
+def _key(name: str) -> bytes:
+    return name.lower().encode("latin-1")
 
 
 class HeaderView:
@@ -64,21 +75,21 @@ class HeaderView:
         self._headers = headers
 
     def get(self, name: str, default: str | None = None) -> str | None:
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         for lname, _, value in self._headers:
             if lname == key:
                 return value.decode("latin-1")
         return default
 
     def getall(self, name: str, default: list[str] | None = None) -> list[str]:
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         found = [value.decode("latin-1") for lname, _, value in self._headers if lname == key]
         return found if found or default is None else default
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str):
             return False
-        key = name.lower().encode("latin-1")
+        key = _key(name)
         return any(lname == key for lname, _, _ in self._headers)
 
     def __getitem__(self, name: str) -> str:
@@ -132,18 +143,14 @@ class ResponseHead:
 
     __slots__ = ("content_length", "headers", "keep_alive", "reason", "status")
 
-    def __init__(self, status: int, reason: bytes, headers: list[Header], keep_alive: bool) -> None:
+    def __init__(
+        self, status: int, reason: bytes, headers: list[Header], keep_alive: bool, content_length: int | None = None
+    ) -> None:
         self.status = status
         self.reason = reason
         self.headers = headers
         self.keep_alive = keep_alive
-        self.content_length: int | None = None
-        for lname, _, value in headers:
-            if lname == b"content-length":
-                try:
-                    self.content_length = int(value)
-                except ValueError:
-                    self.content_length = None
+        self.content_length = content_length  # the parser saw it go by: no second pass over the headers
 
     def header(self, lname: bytes) -> bytes | None:
         for name, _, value in self.headers:

@@ -25,11 +25,14 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
 from proxy.http.flow import FlowPeer
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
 from proxy.http.heads import Reply, RequestHead, json_reply, status_line
 
 log = logging.getLogger("odata_auth_proxy.http")
@@ -205,8 +208,8 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self.active_body: RequestBody | None = None
         self.on_lost: Callable[[], None] | None = None  # set by the handler while it streams
-        self.on_cut: Callable[[str], None] | None = None  # the handler's record of why the listener cut it
-        self.watchdog: Callable[[float], None] | None = None  # called from the sweep while a request runs
+        self.exchange: Exchange | None = None  # the handler's record of the request in progress
+        self.watchdog: Callable[[ClientConnection, float], None] | None = None  # from the sweep, while one runs
         # response state
         self.response_started = False
         self._chunked_out = False
@@ -467,7 +470,7 @@ class ClientConnection(asyncio.Protocol):
         self._task = None
         self.active_body = None
         self.on_lost = None
-        self.on_cut = None
+        self.exchange = None
         self.watchdog = None
         self.flow_peer = None
         self.listener.changed()
@@ -501,8 +504,8 @@ class ClientConnection(asyncio.Protocol):
 
     def cut(self, why: str) -> None:
         """End the connection now (drain budget spent, stalled client): the handler is told why first."""
-        if self.on_cut is not None:
-            self.on_cut(why)
+        if self.exchange is not None:
+            self.exchange.cut(why)
         if self.transport is not None:
             self.transport.abort()
 
@@ -643,7 +646,7 @@ class ClientConnection(asyncio.Protocol):
         """Enforce the client timeouts; called about once a second (more often with short timeouts)."""
         settings = self.settings
         if self.watchdog is not None:
-            self.watchdog(now)
+            self.watchdog(self, now)
         if self.closed:
             return
         if self.write_paused and now - self._write_paused_since > settings.client_write:

@@ -113,7 +113,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.flow_peer: FlowPeer | None = None  # the client connection whose body we are sending
         self._tunnel: asyncio.Future[bytes] | None = None
         self._tunnel_data = b""
-        self._connected: asyncio.Future[None] | None = None
+        self._reading_paused = False
         self._reset()
 
     def _reset(self) -> None:
@@ -127,6 +127,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.error: UpstreamError | None = None
         self._headers: list[Header] = []
         self._reason = b""
+        self._length: bytes | None = None
+        self._framed = False
         self._interim = False
         self._until_close = False
         self._reset_parser = False
@@ -195,12 +197,20 @@ class UpstreamConnection(asyncio.BufferedProtocol):
     def on_message_begin(self) -> None:
         self._headers = []
         self._reason = b""
+        self._length = None
+        self._framed = False  # a Content-Length or Transfer-Encoding: the body does not end with the connection
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), name, value))
+        lname = name.lower()
+        self._headers.append((lname, name, value))
+        if lname == b"content-length":
+            self._length = value
+            self._framed = True
+        elif lname == b"transfer-encoding":
+            self._framed = True
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -208,12 +218,16 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue & co: not the answer
             return
-        head = ResponseHead(status, self._reason, self._headers, bool(parser.should_keep_alive()))
+        length = None
+        if self._length is not None:
+            with contextlib.suppress(ValueError):
+                length = int(self._length)
+        head = ResponseHead(status, self._reason, self._headers, bool(parser.should_keep_alive()), length)
         self.head = head
         if self.head_request or status in _NO_BODY_STATUS:
             self._reset_parser = self.head_request  # llhttp would wait for a HEAD answer's announced body
             self._finish()
-        elif head.content_length is None and head.header(b"transfer-encoding") is None:
+        elif not self._framed:
             self._until_close = True
             head.keep_alive = False
         waiter = self._head_waiter
@@ -302,11 +316,13 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.sink = sink
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self._reading_paused:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self._reading_paused and self.transport is not None and not self.closed:
+            self._reading_paused = False
             self.transport.resume_reading()
             self.last_read = time.monotonic()  # not late while we were not reading
 
@@ -366,7 +382,8 @@ class UpstreamPool:
         self._all: set[UpstreamConnection] = set()
         self.closed = False
 
-    async def acquire(self, origin: Origin) -> UpstreamConnection:
+    def take_idle(self, origin: Origin) -> UpstreamConnection | None:
+        """A pooled connection to ``origin`` that is still open and not too old, or None."""
         idle = self._idle.get(origin)
         if idle:
             now = time.monotonic()
@@ -379,7 +396,10 @@ class UpstreamPool:
                     continue
                 conn.reused = True
                 return conn
-        return await self.connect(origin)
+        return None
+
+    async def acquire(self, origin: Origin) -> UpstreamConnection:
+        return self.take_idle(origin) or await self.connect(origin)
 
     def release(self, conn: UpstreamConnection) -> None:
         """Back to the pool when it can carry another request; closed otherwise."""
@@ -388,8 +408,7 @@ class UpstreamPool:
         if self.closed or not conn.reusable:
             conn.abort()
             return
-        if conn.transport is not None:
-            conn.transport.resume_reading()
+        conn.resume_reading()  # it may have been paused for a slow client; a pooled connection must see a close
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.origin, []).append(conn)
 
