@@ -37,6 +37,7 @@ class Exchange:
         "origin",
         "replayed",
         "request_id",
+        "request_id_line",
         "route",
         "started",
         "status",
@@ -53,6 +54,7 @@ class Exchange:
         self.body = body
         self.started = time.perf_counter()
         self.request_id = "-"
+        self.request_id_line = b""  # the X-Request-Id header line, sent upstream and back to the client
         self.route: Route | None = None
         self.origin: Origin | None = None
         self.upstream_target = ""  # path and query on the upstream, byte-exact

@@ -79,6 +79,7 @@ _CORS_MAX_AGE = "600"
 _REALM_CHALLENGE = 'Bearer realm="odata-auth-proxy"'
 _MAX_ECHO = 100
 _MAX_DECODE_ROUNDS = 4
+_REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
 _HOST_CACHE_LIMIT = 256  # distinct Host values remembered (bounded: the header is the client's to choose)
 
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -549,6 +550,25 @@ class Guard:
         return None
 
     # ---- all together -------------------------------------------------------------------------
+
+    def plainly_fine(self, head: RequestHead) -> bool:
+        """The common case decided in one pass, without building anything: no inbound key configured, an
+        ordinary method and path, one allowed ``Host`` and no cross-site markers. False means "run ``check``",
+        not "refuse"."""
+        if self._key is not None or head.method in _REFUSED_METHODS:
+            return False
+        target = head.target
+        if not target.startswith("/") or _path_problem(target) is not None:
+            return False
+        host: bytes | None = None
+        for lname, _, value in head.headers:
+            if lname == b"host":
+                if host is not None:
+                    return False
+                host = value
+            elif lname == b"origin" or lname == b"sec-fetch-site":
+                return False
+        return host is not None and self._host_value_allowed(host.decode("latin-1"))
 
     def check(self, request: GuardedRequest) -> tuple[Reply | None, str | None]:
         """All four checks in order: (the refusal or preflight answer, or None; the CORS origin, or None)."""

@@ -166,11 +166,14 @@ class MultiRewriter:
 
     def rewrite(self, body: bytes) -> bytes:
         """A whole body at once (same result as ``feed(body) + flush()``, without the tail bookkeeping)."""
-        if self._regex is None:
-            return body
+        regex = self._regex
         data = self._held + body if self._held else body
         self._held = b""
+        if regex is None or regex.search(data) is None:
+            return data  # the common case: nothing to replace, nothing copied
         return self._process(data, final=True)
+
+    whole = rewrite  # the BodyTransform name for it
 
     def _process(self, buf: bytes, *, final: bool) -> bytes:
         regex = self._regex

@@ -84,13 +84,17 @@ class LinksFilter(Filter):
         route = ex.route
         if route is None or not route.rewrite_links:
             return None
-        content_type = head.header(b"content-type")
+        content_type = encoding = None
+        for lname, _, value in head.headers:
+            if lname == b"content-type":
+                content_type = value
+            elif lname == b"content-encoding":
+                encoding = value.strip().lower()
         if content_type is None or not self._rewritable(content_type):
             return None
-        encoding = (head.header(b"content-encoding") or b"").strip().lower()
         rewriter = MultiRewriter(self._plan(route, ex.proxy_base())[1])
-        if encoding in (b"", b"identity"):
-            return LinkTransform(rewriter)
+        if not encoding or encoding == b"identity":
+            return rewriter
         if encoding in (b"gzip", b"x-gzip"):
             return LinkTransform(rewriter, zlib.decompressobj(wbits=31), zlib.compressobj(wbits=31))
         if encoding == b"deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)

@@ -45,24 +45,27 @@ class ObserveFilter(Filter):
         self.worker = worker
         self._prefix = secrets.token_hex(6)
         self._counter = itertools.count(1)
+        self._line_prefix = f"X-Request-Id: {self._prefix}-".encode()
 
     def request(self, ex: Exchange) -> None:
+        ex.drop.add(b"x-request-id")
         incoming = ex.head.header(b"x-request-id")
         if incoming:
             text = incoming.decode("latin-1")
             if _REQUEST_ID.match(text):
                 ex.request_id = text
-                ex.drop.add(b"x-request-id")
+                ex.request_id_line = b"X-Request-Id: " + incoming + b"\r\n"
                 return None
-        ex.request_id = f"{self._prefix}-{next(self._counter):x}"
-        ex.drop.add(b"x-request-id")
+        number = next(self._counter)
+        ex.request_id = f"{self._prefix}-{number:x}"
+        ex.request_id_line = self._line_prefix + b"%x\r\n" % number
         return None
 
     def upstream_headers(self, ex: Exchange, out: list[bytes]) -> None:
-        out.append(b"X-Request-Id: %s\r\n" % ex.request_id.encode("latin-1"))
+        out.append(ex.request_id_line)
 
     def response_headers(self, ex: Exchange, out: list[bytes], answer: ResponseHead | None = None) -> None:
-        out.append(b"X-Request-Id: %s\r\n" % ex.request_id.encode("latin-1"))
+        out.append(ex.request_id_line)
 
     def finished(self, ex: Exchange) -> None:
         duration = time.perf_counter() - ex.started
