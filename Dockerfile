@@ -19,12 +19,12 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip wheel --wheel-dir /wheels '.[fast]'
+RUN pip wheel --wheel-dir /wheels .
 
 # ---- final stage: the wheels installed, no sources, no build tools ----------------------------------------------
 FROM python:3.12-slim
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels 'odata-auth-proxy[fast]' \
+    pip install --no-cache-dir --no-index --find-links /wheels odata-auth-proxy \
  && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin proxy
 
 # 0.0.0.0 requires ODATA_AUTH_PROXY_INBOUND_API_KEY or ODATA_AUTH_PROXY_ALLOW_REMOTE=true (see above)

@@ -42,6 +42,7 @@ from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager, T
 log = logging.getLogger("odata_auth_proxy")
 
 CERTIFICATE_CHECK_INTERVAL = 86400.0
+IDLE_CHECK_INTERVAL = 5.0
 
 
 # --------------------------------------------------------------------------- preparation (sync, fail early)
@@ -198,12 +199,20 @@ class Runtime:
         )
         self.closed = False
         self._watch: asyncio.Task[None] | None = None
+        self._expiry: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         for manager in self.distinct_managers:
             manager.start()
+        self._expiry = asyncio.get_running_loop().create_task(self._expire_idle_connections())
         if any(cred.identity is not None for cred in self.prepared.credentials.values()):
             self._watch = asyncio.get_running_loop().create_task(self._certificate_watch())
+
+    async def _expire_idle_connections(self, interval: float = IDLE_CHECK_INTERVAL) -> None:
+        """Pooled upstream connections unused for 30 s are closed, also when no request comes to notice."""
+        while True:
+            await asyncio.sleep(interval)
+            self.pool.expire_idle()
 
     async def _certificate_watch(self, interval: float = CERTIFICATE_CHECK_INTERVAL) -> None:
         """Repeat the "expires within 30 days" warning every day while running: daemons run for weeks."""
@@ -218,8 +227,9 @@ class Runtime:
         if self.closed:
             return
         self.closed = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._expiry):
+            if task is not None:
+                task.cancel()
         for manager in self.distinct_managers:
             await manager.close()
         await self.pool.close()

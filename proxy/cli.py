@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run on uvloop when installed (``pip install odata-auth-proxy[fast]``), else on asyncio's loop."""
+    """Run on uvloop (a default dependency except on Windows), else on asyncio's own loop."""
     try:
         import uvloop
     except ImportError:

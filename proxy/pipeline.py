@@ -147,15 +147,15 @@ class Pipeline:
             except UpstreamError as exc:
                 if ex.conn.closed:
                     raise ClientGone from None  # the client went (or was cut): not the upstream's failure
-                if not isinstance(exc, UpstreamClosed):
-                    failed = self._upload_failure(ex)
-                    return failed if failed is not None else self._upstream_error(ex, exc)
                 failed = self._upload_failure(ex)
                 if failed is not None:
                     return failed
-                if up.reused and ex.replayable and attempts < _MAX_ATTEMPTS:
+                if isinstance(exc, UpstreamClosed) and up.reused and ex.replayable and attempts < _MAX_ATTEMPTS:
                     continue  # the pooled connection had been closed by the upstream: try a fresh one
                 return self._upstream_error(ex, exc)
+            except BaseException:
+                up.abort()  # cancelled or a bug: the connection is in an unknown state
+                raise
             replay: bool | Reply = False
             for index, flt in enumerate(self.chain.on_answer if answer.status in self.chain.answer_statuses else ()):
                 if index in replayed:
@@ -171,7 +171,11 @@ class Pipeline:
             if replay and ex.replayable and attempts < _MAX_ATTEMPTS:
                 self._discard(up)
                 continue
-            return await self._send_back(ex, up, answer)
+            try:
+                return await self._send_back(ex, up, answer)
+            except BaseException:
+                up.abort()  # cut short (client gone, cancelled): never back into the pool half-read
+                raise
 
     def _upload_failure(self, ex: Exchange) -> Reply | None:
         """The request body failed while streaming upstream: that, not the upstream, is the story."""

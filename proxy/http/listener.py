@@ -747,12 +747,17 @@ class Listener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle_waiter, max(0.0, deadline - time.monotonic()))
         cut = 0
+        running: list[asyncio.Task[None]] = []
         for conn in list(self.connections):
             if conn.busy:
                 cut += 1
+                if conn._task is not None:
+                    running.append(conn._task)
                 conn.cut("drain_timeout")
             else:
                 conn._close()
+        if running:  # let the cut requests see it and write their access log lines (they end at once)
+            await asyncio.wait(running, timeout=1.0)
         await self.close()
         return cut
 

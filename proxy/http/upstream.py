@@ -398,6 +398,16 @@ class UpstreamPool:
                 return conn
         return None
 
+    def expire_idle(self) -> int:
+        """Close pooled connections unused for ``idle_timeout``; returns how many (called every few seconds)."""
+        deadline = time.monotonic() - self.idle_timeout
+        expired = 0
+        for idle in self._idle.values():
+            while idle and idle[0].idle_since < deadline:  # oldest first: released ones are appended
+                idle.pop(0).abort()
+                expired += 1
+        return expired
+
     async def acquire(self, origin: Origin) -> UpstreamConnection:
         return self.take_idle(origin) or await self.connect(origin)
 
