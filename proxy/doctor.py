@@ -44,7 +44,7 @@ and a failure (exit code 1)::
       [FAIL] tls         cannot connect to 127.0.0.1:41507: connection refused (nothing listens on that port)
       [skip] token       skipped (no connection to the token server)
       [skip] upstream    skipped (no connection to the token server)
-    1 check failed: api tls
+    1 check failed: api tls (the token server could not be reached)
 
 On a colour terminal the marks are ✓ ✗ ! – and the arrows →; server certificates show their CN when they have one.
 """
@@ -99,6 +99,11 @@ _COLOR_MARKS: dict[Status, tuple[str, str]] = {
     "warn": ("!", "33"),
     "skip": ("–", "2"),
 }
+#: what the closing summary says of a failed token check: refused credentials and an unreachable server
+#: need different fixes (a new key versus the network, proxy or URL)
+REFUSED = "the token server answered and refused the credentials"
+UNREACHABLE = "the token server could not be reached"
+
 _PLAIN_MARKS: dict[Status, str] = {"ok": "[ok]  ", "fail": "[FAIL]", "warn": "[warn]", "skip": "[skip]"}
 
 
@@ -155,13 +160,14 @@ class _Checklist:
         self.route_name = route.name
         self.write(f"{self.style.bold('route ' + route.name)}  ({creds.source}, client id {creds.client_id}, {auth})")
 
-    def step(self, status: Status, name: str, detail: str, more: Sequence[str] = ()) -> None:
+    def step(self, status: Status, name: str, detail: str, more: Sequence[str] = (), why: str = "") -> None:
+        """One checklist line; a failure's ``why`` (a few words) also goes into the closing summary."""
         self.write(f"  {self.style.mark(status)} {name:<{STEP_WIDTH}}{detail}")
         indent = " " * (2 + self.style.mark_width + 1 + STEP_WIDTH)
         for line in more:
             self.write(indent + line)
         if status == "fail":
-            self.failed.append(f"{self.route_name} {name}")
+            self.failed.append(f"{self.route_name} {name}" + (f" ({why})" if why else ""))
         elif status == "warn":
             self.warnings += 1
 
@@ -171,8 +177,9 @@ class _Checklist:
 
 
 class _StepFailed(Exception):
-    def __init__(self, detail: str, hints: Sequence[str] = ()) -> None:
+    def __init__(self, detail: str, hints: Sequence[str] = (), why: str = "") -> None:
         super().__init__(detail)
+        self.why = why
         self.detail = detail
         self.hints = list(hints)
 
@@ -385,13 +392,15 @@ async def _open_tcp(
             async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(address, port)
         except TimeoutError:
-            raise _StepFailed(f"cannot connect to {_hostport(address, port)}: no answer within {timeout:g} s") from None
+            raise _StepFailed(
+                f"cannot connect to {_hostport(address, port)}: no answer within {timeout:g} s", why=UNREACHABLE
+            ) from None
         except OSError as exc:
             error = exc
             continue
         return reader, writer, address
     reason = _os_reason(error) if error is not None else "no address"
-    raise _StepFailed(f"cannot connect to {_hostport(address, port)}: {reason}")
+    raise _StepFailed(f"cannot connect to {_hostport(address, port)}: {reason}", why=UNREACHABLE)
 
 
 async def _proxy_connect(
@@ -483,7 +492,7 @@ async def _tls_step(
         checklist.step("ok", name, detail)
         return "ok"
     except _StepFailed as exc:
-        checklist.step("fail", name, exc.detail, exc.hints)
+        checklist.step("fail", name, exc.detail, exc.hints, why=exc.why)
         return "fail"
     finally:
         if writer is not None:
@@ -585,10 +594,13 @@ async def _token_step(
                 "hint: the server drops the connection once it has seen the client certificate: the token server "
                 "probably refused the client certificate: check that its chain reaches a root the server trusts"
             )
-        checklist.step("fail", "token", f"{status}{exc.detail}", hints)
+        # a token server that answered and said no is a credentials problem; one that did not answer is not
+        why = REFUSED if exc.http_status is not None else UNREACHABLE
+        checklist.step("fail", "token", f"{status}{exc.detail}", hints, why=why)
         return None
     except TimeoutError:
-        checklist.step("fail", "token", f"the token server did not answer within {config.timeouts.token:g} s")
+        detail = f"the token server did not answer within {config.timeouts.token:g} s"
+        checklist.step("fail", "token", detail, why=UNREACHABLE)
         return None
     checklist.hide(response.access_token.reveal())
     scopes = _scopes(response)

@@ -20,6 +20,7 @@ from proxy.filters.base import PENDING, BodyTransform, Chain, Filter, Pending
 from proxy.http.heads import HOP_BY_HOP, Reply, RequestHead, ResponseHead, connection_listed, json_reply, status_line
 from proxy.http.listener import BodyTimeout, ClientConnection, ClientGone, RequestBody
 from proxy.http.upstream import UpstreamClosed, UpstreamConnection, UpstreamError, UpstreamPool
+from proxy.throttle import LogThrottle
 
 log = logging.getLogger("odata_auth_proxy.forward")
 
@@ -47,6 +48,7 @@ class Pipeline:
         self.chain = chain
         self.pool = pool
         self.settings = settings
+        self.log = LogThrottle(log)  # an unreachable upstream under load: one line, then a count
 
     async def __call__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
         ex = Exchange(conn, head, body)
@@ -319,7 +321,15 @@ class Pipeline:
                 if received:
                     detail += f" after {received} bytes"
                 ex.error = "upstream_body_incomplete"
-                log.warning("route %s: %s (%s)", ex.route.name if ex.route else "-", detail, exc.__class__.__name__)
+                route_name = ex.route.name if ex.route else "-"
+                self.log.log(
+                    logging.WARNING,
+                    (route_name, "upstream_body_incomplete"),
+                    "route %s: %s (%s)",
+                    route_name,
+                    detail,
+                    exc.__class__.__name__,
+                )
                 return json_reply(
                     502,
                     {
@@ -376,9 +386,12 @@ class Pipeline:
                     )
                 raise ClientGone from None
             cause = broken[0] if broken else exc
-            log.warning(
+            route_name = ex.route.name if ex.route else "-"
+            self.log.log(
+                logging.WARNING,
+                (route_name, "upstream_body_broken"),
                 "route %s: upstream body broke off after %d bytes (%s); closing the client connection",
-                ex.route.name if ex.route else "-",
+                route_name,
                 conn.bytes_out,
                 cause.__class__.__name__,
             )
@@ -422,7 +435,7 @@ class Pipeline:
     def _upstream_error(self, ex: Exchange, exc: UpstreamError) -> Reply:
         ex.error = exc.code
         route = ex.route.name if ex.route is not None else "-"
-        log.warning("route %s: %s (%s)", route, exc.code, exc.detail)
+        self.log.log(logging.WARNING, (route, exc.code), "route %s: %s (%s)", route, exc.code, exc.detail)
         upstream = _origin_text(ex.route.upstream) if ex.route is not None else None
         return json_reply(exc.status, {"error": exc.code, "detail": exc.detail, "upstream": upstream, "route": route})
 

@@ -104,7 +104,7 @@ async def test_bad_secret_shows_invalid_client_in_the_servers_words(tmp_path: Pa
     assert "HTTP 401" in failed and "invalid_client" in failed and "Bad credentials" in failed
     assert "check the client id and secret" in failed
     assert "skipped (no token)" in line_of(output, "[skip]", "upstream")
-    assert output.rstrip().endswith("1 check failed: api token")
+    assert output.rstrip().endswith("1 check failed: api token (the token server answered and refused the credentials)")
     assert secret_route(backend)["credentials"]["client_secret"] not in output
 
 
@@ -118,6 +118,8 @@ async def test_dead_token_port_names_host_and_port(tmp_path: Path, backend: Back
     failed = line_of(output, "[FAIL]", "tls")
     assert f"cannot connect to 127.0.0.1:{port}" in failed and "connection refused" in failed
     assert line_of(output, "[skip]", "token") and line_of(output, "[skip]", "upstream")
+    # not the same story as refused credentials: the summary says which it is
+    assert output.rstrip().endswith("1 check failed: api tls (the token server could not be reached)")
 
 
 async def test_unresolvable_token_host(tmp_path: Path, backend: Backend) -> None:
