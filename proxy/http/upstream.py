@@ -2,7 +2,8 @@
 
 Why a BufferedProtocol: with a plain Protocol on a TLS connection, uvloop allocates a fresh 256 KiB buffer
 for every read (mmap, page faults, munmap) — about 22 µs a request, most of the proxy's budget
-(``shared/dataplane.md``). Reading into one reused buffer per connection removes that cost.
+(``shared/dataplane.md``). Reading into one reused buffer removes that cost; the pool's connections share
+it, since every read is parsed before the next one happens.
 
 Answers are parsed by httptools (llhttp). A body is buffered while the caller decides what to do with the
 head (a 401 replay, a CSRF retry), then either taken whole (small answers go out in one write) or streamed
@@ -103,8 +104,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.origin = origin
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
-        self._buffer = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buffer)
+        self._view = pool.read_buffer
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
@@ -378,6 +378,9 @@ class UpstreamPool:
         self.proxies = proxies
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
+        # One read buffer for every connection of the pool: each read is parsed (and its body bytes copied out)
+        # in ``buffer_updated`` before the loop reads anything else, so the memory does not grow with the pool.
+        self.read_buffer = memoryview(bytearray(READ_BUFFER))
         self._idle: dict[Origin, list[UpstreamConnection]] = {}
         self._all: set[UpstreamConnection] = set()
         self.closed = False
