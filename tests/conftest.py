@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -13,12 +14,14 @@ import os
 import socket
 import ssl
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import trustme
 import yaml
@@ -391,3 +394,72 @@ async def running_proxy(config: Config) -> AsyncIterator[RunningProxy]:
 async def proxy(tmp_path: Path, backend: Backend) -> AsyncIterator[RunningProxy]:
     async with running_proxy(make_config(tmp_path, backend)) as running:
         yield running
+
+
+# --------------------------------------------------------------------------- a proxy as a subprocess, its memory
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+class RssSampler:
+    """The peak VmRSS of a process, sampled every 50 ms while the ``with`` block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while True:
+            self.peak = max(self.peak, rss_bytes(self.pid))
+            await asyncio.sleep(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self.peak = rss_bytes(self.pid)
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        self.peak = max(self.peak, rss_bytes(self.pid))
+
+
+@contextlib.asynccontextmanager
+async def proxy_subprocess(config: Path, port: int, log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m proxy run --config FILE``, healthy on ``port``; killed afterwards if still running."""
+    with open(log_path, "wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            "run",
+            "--config",
+            str(config),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            env=child_env(),
+        )
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
+            end = time.monotonic() + 15
+            while True:
+                assert process.returncode is None, log_path.read_text()
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with probe.get(f"http://127.0.0.1:{port}/-/healthz") as resp:
+                        if resp.status == 200:
+                            break
+                assert time.monotonic() < end, "proxy did not start: " + log_path.read_text()
+                await asyncio.sleep(0.05)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

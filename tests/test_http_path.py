@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -34,9 +33,12 @@ from proxy.app import prepare
 from proxy.server import ProxyServer
 from tests.conftest import (
     Backend,
+    RssSampler,
     child_env,
     free_port,
     make_config,
+    proxy_subprocess,
+    rss_bytes,
     running_proxy,
     secret_route,
     write_yaml,
@@ -667,72 +669,6 @@ async def test_pooled_connection_closed_by_the_upstream_is_not_an_error(tmp_path
 
 
 # --------------------------------------------------------------------------- 12. flow control (subprocess)
-
-
-def rss_bytes(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
-class RssSampler:
-    """The peak VmRSS of a process, sampled every 50 ms while the ``with`` block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.peak = 0
-        self._task: asyncio.Task[None] | None = None
-
-    async def _run(self) -> None:
-        while True:
-            self.peak = max(self.peak, rss_bytes(self.pid))
-            await asyncio.sleep(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self.peak = rss_bytes(self.pid)
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        self.peak = max(self.peak, rss_bytes(self.pid))
-
-
-@contextlib.asynccontextmanager
-async def proxy_subprocess(config: Path, port: int, log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``python -m proxy run --config FILE``, healthy on ``port``; killed afterwards if still running."""
-    with open(log_path, "wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            "run",
-            "--config",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            env=child_env(),
-        )
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
-            end = time.monotonic() + 15
-            while True:
-                assert process.returncode is None, log_path.read_text()
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with probe.get(f"http://127.0.0.1:{port}/-/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                assert time.monotonic() < end, "proxy did not start: " + log_path.read_text()
-                await asyncio.sleep(0.05)
-        yield process
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def download(

@@ -320,48 +320,43 @@ class ClientConnection(asyncio.Protocol):
             self._in_head = True
             self._head_started = self.last_read
 
+    def _over_limit(self, status: int, error: str, detail: str) -> None:
+        """A request beyond ``limits.*``: answer ``status`` and close; parsing stops here."""
+        if self._too_big is None:
+            self._too_big = json_reply(status, {"error": error, "detail": detail}, close=True)
+        raise httptools.HttpParserError(error)
+
     def on_url(self, url: bytes) -> None:
         self._url.append(url)
         self._url_size += len(url)
-        if self._url_size > self.settings.max_header_size and self._too_big is None:
-            self._too_big = json_reply(
+        limit = self.settings.max_header_size
+        if self._url_size > limit:
+            self._over_limit(
                 414,
-                {
-                    "error": "request_target_too_long",
-                    "detail": f"the request target is longer than limits.max_header_size "
-                    f"({self.settings.max_header_size} bytes); shorten the URL or raise the limit",
-                },
-                close=True,
+                "request_target_too_long",
+                f"the request target is longer than limits.max_header_size ({limit} bytes); shorten the URL or "
+                "raise the limit",
             )
-            raise httptools.HttpParserError("request target too long")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
         assert head is not None
+        limit, most = self.settings.max_header_size, self.settings.max_headers
         self._header_size += len(name) + len(value) + 4
-        if len(head.headers) >= self.settings.max_headers or self._header_size > self.settings.max_header_size * 4:
-            what = "headers" if len(head.headers) >= self.settings.max_headers else "header bytes"
-            self._too_big = json_reply(
+        if len(head.headers) >= most or self._header_size > limit * 4:
+            what = "headers" if len(head.headers) >= most else "header bytes"
+            self._over_limit(
                 431,
-                {
-                    "error": "request_headers_too_large",
-                    "detail": f"the request has too many {what} (limits.max_headers {self.settings.max_headers}, "
-                    f"limits.max_header_size {self.settings.max_header_size} bytes per header)",
-                },
-                close=True,
+                "request_headers_too_large",
+                f"the request has too many {what} (limits.max_headers {most}, limits.max_header_size {limit} "
+                "bytes per header)",
             )
-            raise httptools.HttpParserError("too many headers")
-        if len(name) + len(value) > self.settings.max_header_size:
-            self._too_big = json_reply(
+        if len(name) + len(value) > limit:
+            self._over_limit(
                 431,
-                {
-                    "error": "request_header_too_large",
-                    "detail": f"a request header is longer than limits.max_header_size "
-                    f"({self.settings.max_header_size} bytes)",
-                },
-                close=True,
+                "request_header_too_large",
+                f"a request header is longer than limits.max_header_size ({limit} bytes)",
             )
-            raise httptools.HttpParserError("header too large")
         head.headers.append((name.lower(), name, value))
 
     def on_headers_complete(self) -> None:
