@@ -5,18 +5,36 @@ the filter chain.
 that a broken key stops start-up with exit code 2; ``Runtime`` owns the pool, the token managers and the
 pipeline, and is swapped whole on reload (requests in flight finish on the runtime they started with).
 ``ProxyState`` holds the current runtime; the server owns it. There is no module-level state.
+
+Reloads are safe (``ProxyState.replace``, the one path every reload takes: SIGHUP to a single process, to the
+supervisor's token broker and to a worker; a file watch or an admin call would take it too). The successor
+runtime is built with the running one as its ``predecessor``:
+
+* a credential whose token is fetched exactly as before (``token_key``: same route name, same ``Credentials``,
+  same client certificate chain, same CA bundle file and contents, same outbound proxy, same token timeouts)
+  keeps its running ``TokenManager`` -- and with it the current token, its refresh schedule and backoff. The
+  manager (and the token session it fetches through) changes owner at the swap: the replaced runtime's
+  ``close()`` leaves it alone;
+* every other credential (new, or changed in any of those ways) gets a new manager that fetches **one** token
+  before the swap (``TokenManager.fetch_once``: no retry, no backoff, no background loop yet). If any of
+  those fetches fails, the reload is refused (``ReloadRefused``, its message names the route and the token
+  server's error, never a secret), everything built for it is closed, and the running runtime keeps serving
+  with its token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+from cryptography.hazmat.primitives import hashes
 
 from proxy.certificates import CertificateError, ClientIdentity, key_file_permission_warning, load_client_identity
 from proxy.config import Config, ConfigError, Route
@@ -37,7 +55,7 @@ from proxy.outbound import OutboundProxies
 from proxy.pipeline import Pipeline, PipelineSettings
 from proxy.router import Router
 from proxy.tls import TlsConfigError, client_ssl_context
-from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenManager, TokenSource
+from proxy.tokens import ClientCredentialsSource, FetchObserver, TokenError, TokenManager, TokenSource
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -100,13 +118,64 @@ def prepare(config: Config) -> Prepared:
 # Where a worker process's token managers fetch from instead of the token server (``proxy.workers``).
 TokenSourceFactory = Callable[[Route, PreparedCredential], TokenSource]
 
+# What decides whether a reload may keep a running token manager (``token_key``).
+TokenKey = tuple[object, ...]
+
+
+class ReloadRefused(Exception):
+    """A reload must not take effect (new credentials got no token): the message says why, without secrets."""
+
+
+def token_key(route: str, cred: PreparedCredential, config: Config, proxy: str | None, trust: str | None) -> TokenKey:
+    """Everything that decides how a manager named ``route`` gets its tokens. Equal keys before and after a
+    reload: the running manager (and its token) is kept. The route name is part of it because the manager
+    is named after it (log lines, metrics, the token broker's route); the certificate chain and the CA bundle's
+    contents because a file may change under the same path."""
+    chain = tuple(c.fingerprint(hashes.SHA256()) for c in cred.identity.chain) if cred.identity is not None else ()
+    timeouts = config.timeouts
+    return (route, cred.credentials, chain, config.ca_bundle, trust, proxy, timeouts.token, timeouts.connect)
+
+
+def _file_digest(path: str | None) -> str | None:
+    if not path:
+        return None
+    try:
+        return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def refusal(routes: list[str], exc: BaseException) -> str:
+    """Why new credentials got no token, in one line for ``reload refused: …`` (never a secret: ``TokenError``
+    texts carry none, and of anything else only the class is named)."""
+    where = ("route " if len(routes) == 1 else "routes ") + ", ".join(routes)
+    if not isinstance(exc, TokenError):
+        return f"{where}: internal error while fetching a token with the new credentials ({exc.__class__.__name__})"
+    if exc.http_status is not None and exc.error != "bad_response":
+        what = f"the token server answered {exc.error} (HTTP {exc.http_status})"
+    elif exc.http_status is not None:
+        what = f"the token server answered HTTP {exc.http_status}"
+    else:
+        what = f"no token from the token server ({exc.error})"
+    return f"{where}: {what} to the new credentials at {exc.token_url}: {exc.detail}"
+
 
 class Runtime:
     """Upstream pool, token managers, filter chain and pipeline for one version of the configuration.
 
     ``token_sources``, when given, makes each manager's source (a worker's broker client); the token fetch
     metrics are then left to whoever really asks the token server (the broker).
+
+    ``predecessor``, on reload, is the running runtime: its managers whose ``token_key`` is unchanged are used
+    as they are (``inherited``; listed in ``distinct_managers`` too), and so is its token session (it does not
+    depend on the configuration). Both become this runtime's own only at the swap (``take_over``); until then
+    ``close()`` (a refused reload) closes just what was built here. The other managers are new and get their
+    first token from ``fetch_new_tokens`` before the swap, or from their refresh loop at ``start()`` when there
+    is no predecessor.
     """
+
+    closed: bool
+    token_session: aiohttp.ClientSession
 
     def __init__(
         self,
@@ -117,16 +186,25 @@ class Runtime:
         state: Callable[[], ProxyState] | None = None,
         access_log: AccessLog | None = None,
         worker: int | None = None,
+        predecessor: Runtime | None = None,
     ) -> None:
         config = prepared.config
         self.prepared = prepared
         self.config = config
+        self._metrics = metrics
+        if predecessor is not None and predecessor.closed:
+            predecessor = None
+        self.predecessor = predecessor  # until the swap (dropped then: no chain of old runtimes stays alive)
         self.router = Router(config.routes)
         timeouts = config.timeouts
         self.proxies = OutboundProxies(config.outbound_proxy)
         upstream_tls = client_ssl_context(config.ca_bundle)
         self.pool = UpstreamPool(upstream_tls, self.proxies, timeouts.connect)
-        self.token_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+        if predecessor is not None:
+            self.token_session = predecessor.token_session
+        else:
+            self.token_session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), trust_env=False)
+        self._owns_token_session = predecessor is None
         # the CSRF fetch: one aiohttp session to the upstreams, never carrying one client's cookies to another
         self.csrf_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(ssl=upstream_tls, limit=0, enable_cleanup_closed=False),
@@ -135,39 +213,29 @@ class Runtime:
         )
         shared: dict[Credentials, TokenManager] = {}
         self.managers: dict[str, TokenManager] = {}
+        self.inherited: list[TokenManager] = []
+        self._keys: dict[TokenKey, TokenManager] = {}
+        self._certificate_expiry: list[tuple[str, float]] = []
+        trust = _file_digest(config.ca_bundle)
         for route in config.routes:
             creds = route.credentials
             manager = shared.get(creds)
             if manager is None:
                 cred = prepared.credentials[creds]
-                source: TokenSource
-                observer = None
-                if token_sources is not None:
-                    source = token_sources(route, cred)
+                key = token_key(route.name, cred, config, self.proxies.for_url(creds.token_url), trust)
+                kept = predecessor.reusable(key) if predecessor is not None else None
+                if kept is not None:
+                    self.inherited.append(kept)
+                    manager = kept
                 else:
-                    source = ClientCredentialsSource(
-                        creds,
-                        self.token_session,
-                        cred.ssl_context,
-                        timeout=timeouts.token,
-                        connect_timeout=timeouts.connect,
-                        proxy=self.proxies.for_url(creds.token_url),
-                    )
-                    route_name = route.name
-
-                    def observe(outcome: str, seconds: float, name: str = route_name) -> None:
-                        metrics.token_fetch(name, outcome, seconds)
-
-                    observer = FetchObserver(on_fetch=observe)
-                # a broker source retries the (local, cheap) broker on its own short schedule: the broker already
-                # backs off from the token server, and a long second backoff here would only delay recovery
-                manager = TokenManager(source, route.name, observer=observer, backoff=getattr(source, "backoff", None))
-                shared[creds] = manager
+                    manager = self._new_manager(route, cred, metrics, token_sources)
+                shared[creds] = self._keys[key] = manager
                 if cred.identity is not None:
-                    metrics.set_certificate_expiry(route.name, cred.identity.not_after_timestamp)
+                    self._certificate_expiry.append((route.name, cred.identity.not_after_timestamp))
             self.managers[route.name] = manager
-            metrics.track_token_expiry(route.name, manager.seconds_to_expiry)
         self.distinct_managers = list(shared.values())
+        # what close() closes: the managers built here; the inherited ones join at the swap (take_over)
+        self._owned = [m for m in self.distinct_managers if m not in self.inherited]
         self.csrf = CsrfFilter(self.csrf_session, self.proxies.for_url)
         self.chain = Chain(
             [
@@ -201,7 +269,85 @@ class Runtime:
         self._watch: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
 
+    def _new_manager(
+        self, route: Route, cred: PreparedCredential, metrics: ProxyMetrics, token_sources: TokenSourceFactory | None
+    ) -> TokenManager:
+        creds = route.credentials
+        timeouts = self.config.timeouts
+        source: TokenSource
+        observer = None
+        if token_sources is not None:
+            source = token_sources(route, cred)
+        else:
+            source = ClientCredentialsSource(
+                creds,
+                self.token_session,
+                cred.ssl_context,
+                timeout=timeouts.token,
+                connect_timeout=timeouts.connect,
+                proxy=self.proxies.for_url(creds.token_url),
+                redact=(self.config.inbound_api_key,),  # a token server may quote anything it was sent
+            )
+            route_name = route.name
+
+            def observe(outcome: str, seconds: float, name: str = route_name) -> None:
+                metrics.token_fetch(name, outcome, seconds)
+
+            observer = FetchObserver(on_fetch=observe)
+        # a broker source retries the (local, cheap) broker on its own short schedule: the broker already
+        # backs off from the token server, and a long second backoff here would only delay recovery
+        return TokenManager(
+            source,
+            route.name,
+            observer=observer,
+            backoff=getattr(source, "backoff", None),
+            redact=(self.config.inbound_api_key,),
+        )
+
+    def reusable(self, key: TokenKey) -> TokenManager | None:
+        """The running manager a successor may keep for ``key`` (None: the successor needs a new one)."""
+        manager = self._keys.get(key)
+        if self.closed or manager is None or manager not in self._owned:
+            return None
+        return manager
+
+    async def fetch_new_tokens(self) -> None:
+        """Before the swap: one token for each manager built here (not inherited), all at once, each tried once.
+
+        Raises ``ReloadRefused`` naming every route that got none and why; the managers that did get one keep
+        it (they are closed with the runtime when the caller gives up on it)."""
+        fresh = [m for m in self.distinct_managers if m not in self.inherited]
+        if not fresh:
+            return
+        results = await asyncio.gather(*(m.fetch_once() for m in fresh), return_exceptions=True)
+        problems = [
+            refusal([name for name, m in self.managers.items() if m is manager], result)
+            for manager, result in zip(fresh, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        if problems:
+            raise ReloadRefused("; ".join(problems))
+
+    def take_over(self, old: Runtime) -> None:
+        """At the swap: become the owner of what this runtime shares with ``old`` (the inherited token managers,
+        the token session), so that ``old.close()`` after its grace period leaves them running. Routes that are
+        gone are no longer reported in ``token_expiry_seconds``."""
+        for manager in self.inherited:
+            if manager in old._owned:
+                old._owned.remove(manager)
+                self._owned.append(manager)
+        if self.token_session is old.token_session and old._owns_token_session:
+            old._owns_token_session = False
+            self._owns_token_session = True
+        for name in old.managers.keys() - self.managers.keys():
+            self._metrics.untrack_token_expiry(name)
+        self.predecessor = None
+
     def start(self) -> None:
+        for name, manager in self.managers.items():
+            self._metrics.track_token_expiry(name, manager.seconds_to_expiry)
+        for name, not_after in self._certificate_expiry:
+            self._metrics.set_certificate_expiry(name, not_after)
         for manager in self.distinct_managers:
             manager.start()
         self._expiry = asyncio.get_running_loop().create_task(self._expire_idle_connections())
@@ -230,11 +376,13 @@ class Runtime:
         for task in (self._watch, self._expiry):
             if task is not None:
                 task.cancel()
-        for manager in self.distinct_managers:
+        for manager in self._owned:
             await manager.close()
+        self.pipeline.log.flush()  # pending "… N more in the last 10 s" summaries
         await self.pool.close()
         await self.csrf_session.close()
-        await self.token_session.close()
+        if self._owns_token_session:
+            await self.token_session.close()
 
 
 @dataclass
@@ -246,9 +394,30 @@ class ProxyState:
     draining: bool = False
     retired: list[asyncio.Task[None]] = field(default_factory=list)
 
+    async def replace(self, runtime: Runtime, grace: float) -> None:
+        """The reload rule, for every way a reload starts: ``runtime`` (built with the current runtime as its
+        ``predecessor``) fetches a token for each new or changed credential, once, and is swapped in only if
+        every one of them got one; otherwise ``ReloadRefused`` is raised and ``runtime`` is closed (nothing it
+        built keeps running; the current runtime, its managers and their tokens are untouched). Also refused:
+        a runtime built on another predecessor (a concurrent reload won), or a proxy that began to drain
+        during the fetch. The swap itself is synchronous: nothing runs between it and the caller's next step."""
+        try:
+            if runtime.predecessor is not None and runtime.predecessor is not self.runtime:
+                raise ReloadRefused("another reload took effect meanwhile")
+            await runtime.fetch_new_tokens()
+            if self.draining:
+                raise ReloadRefused("the proxy is draining")
+        except BaseException:
+            await runtime.close()
+            raise
+        self.swap(runtime, grace)
+
     def swap(self, runtime: Runtime, grace: float) -> None:
-        """Install a new runtime; close the old one once in-flight requests had ``grace`` seconds to finish."""
+        """Install a new runtime; close the old one once in-flight requests had ``grace`` seconds to finish.
+        Reloads go through ``replace`` (which calls this); what the new runtime kept from the old one is its own
+        from here on (``Runtime.take_over``)."""
         old, self.runtime = self.runtime, runtime
+        runtime.take_over(old)
         runtime.start()
 
         async def retire() -> None:

@@ -1,5 +1,9 @@
 """The proxy's lifecycle in one place: bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
 
+A reload (``ProxyServer.reload``, whatever starts it) keeps the running token for every credential that did
+not change and fetches one, once, for every credential that did, *before* the new configuration takes
+effect; if that fails the reload is refused and the old configuration keeps serving (``proxy.app``).
+
 First signal: readiness turns 503, the listener stops accepting, answers on kept-alive connections say
 ``Connection: close``, in-flight requests get ``shutdown_timeout`` seconds in total, what is left is cut,
 and the process exits 0. A second signal exits at once.
@@ -19,7 +23,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.app import Prepared, ProxyState, Runtime, TokenSourceFactory, build_admin_app
+from proxy.app import Prepared, ProxyState, ReloadRefused, Runtime, TokenSourceFactory, build_admin_app
 from proxy.config import Config, ConfigError
 from proxy.guard import listen_address_problem
 from proxy.http.listener import Listener, ListenerSettings
@@ -89,11 +93,12 @@ class ProxyServer:
         self._stop_requested_at: float | None = None
         self._signals = 0
         self._reloading: set[asyncio.Task[bool]] = set()
+        self._reload_lock = asyncio.Lock()  # one reload at a time: each builds on the runtime the last one left
         # runtimes replaced by a reload: closed by ProxyState after the grace period, or by stop() when the
         # process stops first
         self._replaced: list[Runtime] = []
 
-    def _runtime(self, prepared: Prepared) -> Runtime:
+    def _runtime(self, prepared: Prepared, predecessor: Runtime | None = None) -> Runtime:
         return Runtime(
             prepared,
             self.metrics,
@@ -101,6 +106,7 @@ class ProxyServer:
             state=self._current_state,
             access_log=self.access_log,
             worker=self._worker,
+            predecessor=predecessor,
         )
 
     def _current_state(self) -> ProxyState:
@@ -197,7 +203,19 @@ class ProxyServer:
         task.add_done_callback(self._reloading.discard)
 
     async def reload(self) -> bool:
-        """Re-read config and keys; keep the old ones (and say why) when the new ones are invalid."""
+        """Re-read config and keys; keep the old ones (and say why) when the new ones are invalid or new
+        credentials get no token.
+
+        Every reload trigger calls this (SIGHUP today, in a single process and in a worker; a file watch or an
+        admin call would too), and reloads run one at a time. The new runtime keeps the running token managers
+        of unchanged credentials (no token request for them) and gets one token for each new or changed one
+        before the swap (``ProxyState.replace``); a failure there logs one ``reload refused: route …: …`` line
+        (the token server's error, never a secret), closes what the reload built, and returns False. Nothing of
+        the new configuration (log setup, warnings, the listener's handler) is applied before the swap."""
+        async with self._reload_lock:
+            return await self._reload_locked()
+
+    async def _reload_locked(self) -> bool:
         if self._reload is None:
             log.warning("SIGHUP: nothing to reload from")
             return False
@@ -217,7 +235,8 @@ class ProxyServer:
             if problem:
                 raise ConfigError(f"still listening on {running.listen_host}: {problem}")
             prepared = replace(prepared, config=_pinned(new, running))
-            runtime = self._runtime(prepared)
+            previous = self.state.runtime
+            runtime = self._runtime(prepared, predecessor=previous)
         except ConfigError as exc:
             log.error("reload failed, still serving with the previous configuration: %s", exc)
             return False
@@ -228,6 +247,23 @@ class ProxyServer:
                 exc.__class__.__name__,
             )
             return False
+        try:
+            # tokens for new or changed credentials first; the swap only when they all came (closed otherwise)
+            await self.state.replace(runtime, grace=running.shutdown_timeout)
+        except ReloadRefused as exc:
+            log.error("reload refused: %s; still serving with the previous configuration", exc)
+            return False
+        except Exception as exc:
+            log.error(
+                "reload refused (internal error: %s), still serving with the previous configuration",
+                exc.__class__.__name__,
+            )
+            return False
+        # swapped: no await since, so no request has seen the new runtime without the listener's handler
+        if self.listener is not None:
+            self.listener.handler = runtime.pipeline
+        self._replaced = [r for r in self._replaced if not r.closed]
+        self._replaced.append(previous)
         old = running
         if (new.listen_host, new.listen_port, new.admin_listen) != (old.listen_host, old.listen_port, old.admin_listen):
             log.warning("reload: listen addresses cannot change while running; restart to apply them")
@@ -243,13 +279,8 @@ class ProxyServer:
         if (new.log_format, new.verbose) != (old.log_format, old.verbose):
             self.access_log.flush()
             setup_logging(new.log_format, new.verbose)
-        self._replaced = [r for r in self._replaced if not r.closed]
-        self._replaced.append(self.state.runtime)
-        self.state.swap(runtime, grace=old.shutdown_timeout)
-        if self.listener is not None:
-            self.listener.handler = runtime.pipeline
         self.prepared = prepared
-        log.info("reloaded configuration: %d route(s)", len(new.routes))
+        log.info("reloaded configuration: %d route(s)%s", len(new.routes), token_summary(runtime))
         return True
 
     async def wait(self) -> None:
@@ -261,6 +292,12 @@ class ProxyServer:
         self.request_stop()
         assert self._stop_requested_at is not None
         deadline = self._stop_requested_at + self.prepared.config.shutdown_timeout
+        # a reload still waiting for a token is given up (it closes what it built): we are stopping anyway
+        reloading = list(self._reloading)
+        for task in reloading:
+            task.cancel()
+        if reloading:
+            await asyncio.gather(*reloading, return_exceptions=True)
         if self.listener is not None:
             cut = await self.listener.drain(deadline)
             if cut:
@@ -283,6 +320,17 @@ class ProxyServer:
         replaced, self._replaced = self._replaced, []
         for runtime in replaced:
             await runtime.close()
+
+
+def token_summary(runtime: Runtime) -> str:
+    """``; token kept for route a, new token for routes b, c`` after a reload (for the log line)."""
+    kept = [name for name, manager in runtime.managers.items() if manager in runtime.inherited]
+    fresh = [name for name in runtime.managers if name not in kept]
+    parts = []
+    for what, names in (("token kept for", kept), ("new token for", fresh)):
+        if names:
+            parts.append(f"{what} {'route' if len(names) == 1 else 'routes'} {', '.join(names)}")
+    return "; " + ", ".join(parts) if parts else ""
 
 
 def restart_only_changes(old: Config, new: Config) -> list[str]:

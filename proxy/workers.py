@@ -23,6 +23,11 @@ With ``workers`` > 1 the ``run`` process becomes the **supervisor and token brok
 * it forwards SIGTERM/SIGINT (drain) and SIGHUP (after reloading its own credentials; to a worker that
   has not said "ready" yet only once it does, as SIGHUP's default action would kill it), and restarts a
   worker that died, with a short backoff. A second stop signal kills the workers and exits 1.
+  A reload follows the single process's rule (``proxy.app.ProxyState.replace``) twice: the broker keeps the
+  tokens of unchanged credentials and fetches one, once, for new or changed ones before its swap; when that
+  fails the reload is refused there (one ``reload refused: route …`` line) and the workers are not told at
+  all. Otherwise each worker reloads the same way against the broker: it keeps its token for unchanged
+  credentials and asks the broker (which has the new token already) for the others.
 
 A worker is an ordinary ``ProxyServer`` (guard, forwarder, metrics, admin endpoints) whose token managers
 fetch from the broker (``BrokerTokenSource``) instead of the token server: the hot path stays a dict
@@ -54,13 +59,13 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from proxy.app import Prepared, PreparedCredential, ProxyState, Runtime
+from proxy.app import Prepared, PreparedCredential, ProxyState, ReloadRefused, Runtime
 from proxy.config import Config, ConfigError, Overrides, Route
 from proxy.guard import listen_address_problem
 from proxy.logs import ACCESS_LOGGER, setup_logging
 from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
-from proxy.server import ProxyServer, StartupError, bind_error, install_lifecycle_signals
+from proxy.server import ProxyServer, StartupError, bind_error, install_lifecycle_signals, token_summary
 from proxy.tokens import MAX_TOKEN_RESPONSE, Token, TokenError, TokenManager, TokenResponse
 
 log = logging.getLogger("odata_auth_proxy")
@@ -85,6 +90,10 @@ class BrokerTokenSource:
     the manager calls it when an upstream answered 401 and it drops the token; the next fetch then tells
     the broker, which invalidates that token once for every worker (or answers with its successor when
     another worker already did)."""
+
+    # the broker is local and cheap, and it already keeps the token server from being hammered (one fetch per
+    # 2 s during an outage): a worker may ask it again sooner
+    request_retry_interval = BROKER_RETRY
 
     def __init__(self, session: aiohttp.ClientSession, route: str, token_url: str, timeout: float) -> None:
         self._session = session
@@ -233,10 +242,15 @@ class Broker:
             raise StartupError(f"cannot start the token broker on {self.path}: {exc.strerror or exc}") from None
         os.chmod(self.path, 0o600)  # the directory is 0700 already; belt and braces
 
-    def swap(self, prepared: Prepared, grace: float) -> None:
-        self._replaced = [r for r in self._replaced if not r.token_session.closed]
-        self._replaced.append(self.state.runtime)
-        self.state.swap(Runtime(prepared, self.metrics), grace=grace)
+    async def swap(self, prepared: Prepared, grace: float) -> Runtime:
+        """Reload the broker's token managers by the reload rule (``ProxyState.replace``): unchanged credentials
+        keep their manager and token, new or changed ones must get a token before the swap. Raises
+        ``ReloadRefused`` (the running managers stay) or returns the new runtime. The caller runs one at a time."""
+        previous = self.state.runtime
+        await self.state.replace(Runtime(prepared, self.metrics, predecessor=previous), grace=grace)
+        self._replaced = [r for r in self._replaced if not r.closed]
+        self._replaced.append(previous)
+        return self.state.runtime
 
     async def close(self) -> None:
         if self._started:
@@ -244,8 +258,7 @@ class Broker:
         for task in self.state.retired:
             task.cancel()
         for runtime in [*self._replaced, self.state.runtime]:
-            if not runtime.token_session.closed:
-                await runtime.close()
+            await runtime.close()  # idempotent; each closes only what it still owns
 
     def _manager(self, request: web.Request) -> TokenManager | None:
         return self.state.runtime.managers.get(request.match_info["route"])
@@ -471,6 +484,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reload_lock = asyncio.Lock()
         self.directory: Path | None = None
         self.broker: Broker | None = None
 
@@ -517,6 +531,11 @@ class Supervisor:
             log.info("stopped")
             return EXIT_OK
         finally:
+            # a reload still waiting for a token is given up (it closes what it built)
+            reloads = list(self._tasks)
+            for task in reloads:
+                task.cancel()
+            await asyncio.gather(*reloads, return_exceptions=True)
             if self.broker is not None:
                 await self.broker.close()
             shutil.rmtree(self.directory, ignore_errors=True)
@@ -656,7 +675,15 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> bool:
-        """Reload the broker's credentials, then tell the workers to reload (guard, routes, logging)."""
+        """Reload the broker's credentials, then tell the workers to reload (guard, routes, logging).
+
+        The broker applies the reload rule (``Broker.swap``): when new or changed credentials get no token the
+        reload is refused with one ``reload refused: route …`` line, nothing changes here, and the workers are
+        not signalled, so they keep serving with their tokens. Reloads run one at a time."""
+        async with self._reload_lock:
+            return await self._reload_locked()
+
+    async def _reload_locked(self) -> bool:
         if self._stop.is_set():
             log.warning("SIGHUP while draining: not reloading")
             return False
@@ -678,12 +705,22 @@ class Supervisor:
                 exc.__class__.__name__,
             )
             return False
+        assert self.broker is not None
+        try:
+            runtime = await self.broker.swap(prepared, grace=running.shutdown_timeout)
+        except ReloadRefused as exc:
+            log.error("reload refused: %s; the supervisor and its workers keep the previous configuration", exc)
+            return False
+        except Exception as exc:
+            log.error(
+                "reload refused (internal error: %s), the supervisor and its workers keep the previous configuration",
+                exc.__class__.__name__,
+            )
+            return False
         if (new.log_format, new.verbose) != (running.log_format, running.verbose):
             setup_logging(new.log_format, new.verbose)
         if new.workers != running.workers:
             log.warning("reload: workers changed; the number of worker processes only changes with a restart")
-        assert self.broker is not None
-        self.broker.swap(prepared, grace=running.shutdown_timeout)
         self.prepared = replace(prepared, config=replace(new, workers=running.workers))
         alive = self._alive()
         for worker in self.workers:
@@ -695,7 +732,12 @@ class Supervisor:
                 continue
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGHUP)
-        log.info("reloaded credentials: %d route(s); %d worker(s) reload theirs", len(new.routes), len(alive))
+        log.info(
+            "reloaded credentials: %d route(s); %d worker(s) reload theirs%s",
+            len(new.routes),
+            len(alive),
+            token_summary(runtime),
+        )
         return True
 
 

@@ -5,6 +5,7 @@ The same answers serve ``--admin-listen`` (an aiohttp app in ``proxy.server``), 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from proxy.exchange import Exchange
 from proxy.filters.base import Filter
 from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Reply, json_reply
+from proxy.tokens import TokenError
 
 if TYPE_CHECKING:
     from proxy.app import ProxyState
@@ -31,14 +33,43 @@ def admin_reply(path: str, state: ProxyState) -> Reply | None:
     return None
 
 
+_OAUTH_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+# our own error categories (``TokenError.error`` when the token server gave no OAuth error)
+_OWN_ERRORS = {
+    "unreachable": "token server unreachable",
+    "timeout": "token server did not answer in time",
+    "tls_error": "TLS handshake with the token server failed",
+    "proxy_error": "the outbound proxy refused the tunnel to the token server",
+    "bad_response": "token server answered without a token",
+    "internal_error": "token fetch failed (internal error)",
+    "broker_unreachable": "token broker (supervisor process) unreachable",
+    "broker_error": "token broker (supervisor process) answered with an error",
+    "unknown_route": "token broker does not know this route",
+}
+
+
+def not_ready_reason(error: TokenError | None) -> str:
+    """Why a route has no token, for ``/-/readyz``, which answers without an API key: the error code and
+    our own words only, never the token server's ``error_description`` or a remote reason string (those
+    are in the log and in the 502/503/504 body of a request, redacted)."""
+    if error is None:
+        return "no token yet (first fetch in progress)"
+    code = error.error if _OAUTH_CODE.fullmatch(error.error) else "(unrecognised error code)"
+    if error.http_status is not None and code != "bad_response":
+        return f"token server refused: {code}"  # the token server's OAuth error code
+    reason = _OWN_ERRORS.get(code, f"token unavailable: {code}")
+    if code == "bad_response" and error.http_status is not None:
+        reason += f" (HTTP {error.http_status})"
+    return reason
+
+
 def readiness(state: ProxyState) -> Reply:
     if state.draining:
         return json_reply(503, {"status": "draining", "detail": "shutting down"})
     not_ready: dict[str, str] = {}
     for name, manager in state.runtime.managers.items():
         if manager.current is None:
-            error = manager.last_error
-            not_ready[name] = error.detail if error else "no token yet (first fetch in progress)"
+            not_ready[name] = not_ready_reason(manager.last_error)
     if not_ready:
         return json_reply(503, {"status": "not_ready", "routes": not_ready})
     return json_reply(200, {"status": "ready", "routes": sorted(state.runtime.managers)})
