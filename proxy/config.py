@@ -85,6 +85,8 @@ class Config:
     timeouts: Timeouts = field(default_factory=Timeouts)
     limits: Limits = field(default_factory=Limits)
     source: str | None = None  # the config file, when there was one
+    watch: bool = True  # reload when a file the configuration came from changes (``proxy.watch``)
+    files: tuple[str, ...] = field(default=(), compare=False)  # those files, besides the credentials' own
 
 
 @dataclass
@@ -108,6 +110,7 @@ class Overrides:
     shutdown_timeout: float | None = None
     client_auth: str | None = None
     workers: int | None = None
+    watch: bool | None = None
 
 
 def overrides_from_env(env: Mapping[str, str]) -> Overrides:
@@ -118,6 +121,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
         return value if value else None
 
     allow_remote = get("ALLOW_REMOTE")
+    watch = get("WATCH")
     timeout = get("SHUTDOWN_TIMEOUT")
     workers = get("WORKERS")
     return Overrides(
@@ -132,6 +136,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
         key_password=get("KEY_PASSWORD"),
         admin_listen=get("ADMIN_LISTEN"),
         allow_remote=_env_bool(allow_remote, ENV_PREFIX + "ALLOW_REMOTE") if allow_remote else None,
+        watch=_env_bool(watch, ENV_PREFIX + "WATCH") if watch else None,
         allowed_hosts=[h.strip() for h in (get("ALLOWED_HOSTS") or "").split(",") if h.strip()],
         log_format=get("LOG_FORMAT"),
         shutdown_timeout=_env_float(timeout, ENV_PREFIX + "SHUTDOWN_TIMEOUT") if timeout else None,
@@ -275,6 +280,7 @@ class _Section:
             raise ConfigError(f"{_join(path, unknown[0])}: unknown setting (known here: {hint})")
         self.data = data
         self.path = path
+        self.files: list[str] = []  # the ``*_file`` secrets read through this section (watched for changes)
 
     def where(self, key: str) -> str:
         return _join(self.path, key)
@@ -329,7 +335,9 @@ class _Section:
         if inline and file_path:
             raise ConfigError(f"{self.where(key)}: give either {key} or {key}_file, not both")
         if file_path:
-            return Secret(_read_secret_file(_resolve(file_path, base_dir), self.where(key + "_file")))
+            resolved = _resolve(file_path, base_dir)
+            self.files.append(resolved)
+            return Secret(_read_secret_file(resolved, self.where(key + "_file")))
         return Secret(inline) if inline else None
 
 
@@ -408,6 +416,7 @@ def normalize_prefix(value: str, where: str) -> str:
 # --------------------------------------------------------------------------- building
 
 _TOP_KEYS = {
+    "watch",
     "listen",
     "admin_listen",
     "routes",
@@ -522,6 +531,8 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
         timeouts=timeouts,
         limits=limits,
         source=source,
+        watch=ov.watch if ov.watch is not None else top.get_bool("watch") is not False,
+        files=tuple(dict.fromkeys(f for f in (source, ca_bundle, *top.files) if f)),
     )
 
 
@@ -620,11 +631,14 @@ def _build_credentials(
     key: ServiceKey | None = None
     try:
         if ov and ov.service_key:
+            section.files.append(ov.service_key)
             key = load_service_key_file(ov.service_key)
         elif ov and ov.service_key_json:
             key = parse_service_key_text(ov.service_key_json, f"service key from {ENV_PREFIX}SERVICE_KEY_JSON")
         elif section.get_str("service_key"):
-            key = load_service_key_file(_resolve(section.get_str("service_key") or "", base_dir))
+            key_path = _resolve(section.get_str("service_key") or "", base_dir)
+            section.files.append(key_path)
+            key = load_service_key_file(key_path)
         elif section.get_str("service_key_json"):
             key = parse_service_key_text(section.get_str("service_key_json") or "", section.where("service_key_json"))
     except ServiceKeyError as exc:
@@ -672,6 +686,7 @@ def _build_credentials(
         audience=section.get_str("audience"),
         token_params=tuple(sorted((str(k), str(v)) for k, v in token_params.items())),
         source=source,
+        files=tuple(dict.fromkeys(section.files)),
     )
     return creds, key.upstream_url if key else None
 

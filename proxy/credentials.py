@@ -69,6 +69,15 @@ class Credentials:
     audience: str | None = None
     token_params: tuple[tuple[str, str], ...] = ()
     source: str = field(default="config", compare=False)  # for messages: "service key ~/k.json"
+    files: tuple[str, ...] = field(default=(), compare=False)  # the service key and ``*_file`` secrets read
+
+    def watched_files(self) -> tuple[str, ...]:
+        """Every file these credentials were read from: the service key, ``*_file`` secrets, certificate,
+        key and PKCS#12 bundle (a change to any of them is a reason to reload)."""
+        spec = self.certificate
+        materials = (spec.certificate, spec.key, spec.pkcs12) if spec is not None else ()
+        paths = [m.path for m in materials if m is not None and m.path is not None]
+        return tuple(dict.fromkeys([*self.files, *paths]))
 
     @property
     def kind(self) -> str:

@@ -29,6 +29,7 @@ from proxy.guard import listen_address_problem
 from proxy.http.listener import Listener, ListenerSettings
 from proxy.logs import AccessLog, setup_logging
 from proxy.metrics import ProxyMetrics
+from proxy.watch import FileWatcher, watched_files
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -86,6 +87,7 @@ class ProxyServer:
         self.access_log = AccessLog()
         self.state: ProxyState | None = None
         self.listener: Listener | None = None
+        self._watcher: FileWatcher | None = None
         self._admin_runner: web.AppRunner | None = None
         self.addresses: list[tuple[str, int]] = []
         self.admin_addresses: list[tuple[str, int]] = []
@@ -156,6 +158,12 @@ class ProxyServer:
             self.admin_addresses = [
                 address for site in self._admin_runner.sites for address in _bound([getattr(site, "_server", None)])
             ]
+        if config.watch and self._reload is not None and self._worker is None:  # workers: the supervisor watches
+            self._watcher = FileWatcher(lambda: watched_files(self.prepared.config), self._files_changed)
+            self._watcher.start()
+
+    async def _files_changed(self, changed: list[str]) -> None:
+        await self.reload()
 
     @property
     def port(self) -> int:
@@ -292,6 +300,8 @@ class ProxyServer:
         self.request_stop()
         assert self._stop_requested_at is not None
         deadline = self._stop_requested_at + self.prepared.config.shutdown_timeout
+        if self._watcher is not None:
+            await self._watcher.stop()
         # a reload still waiting for a token is given up (it closes what it built): we are stopping anyway
         reloading = list(self._reloading)
         for task in reloading:

@@ -67,6 +67,7 @@ from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
 from proxy.server import ProxyServer, StartupError, bind_error, install_lifecycle_signals, token_summary
 from proxy.tokens import MAX_TOKEN_RESPONSE, Token, TokenError, TokenManager, TokenResponse
+from proxy.watch import FileWatcher, watched_files
 
 log = logging.getLogger("odata_auth_proxy")
 
@@ -484,6 +485,7 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._watcher: FileWatcher | None = None
         self._reload_lock = asyncio.Lock()
         self.directory: Path | None = None
         self.broker: Broker | None = None
@@ -503,6 +505,9 @@ class Supervisor:
                 error(str(exc))
                 return EXIT_FAILURE
             self._install_signal_handlers()
+            if self.prepared.config.watch:  # the same reload as SIGHUP when a file the config came from changes
+                self._watcher = FileWatcher(lambda: watched_files(self.prepared.config), self._files_changed)
+                self._watcher.start()
             try:
                 for worker in self.workers:
                     worker.process = await self._spawn(worker.index)
@@ -527,6 +532,8 @@ class Supervisor:
                 ],
             )
             await self._stop.wait()
+            if self._watcher is not None:
+                await self._watcher.stop()
             await self._drain()
             log.info("stopped")
             return EXIT_OK
@@ -668,6 +675,9 @@ class Supervisor:
             self.prepared.config.shutdown_timeout,
         )
         self._stop.set()
+
+    async def _files_changed(self, changed: list[str]) -> None:
+        await self.reload()
 
     def _on_reload_signal(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload())
