@@ -13,8 +13,13 @@
 #   ODATA_AUTH_PROXY_ALLOW_REMOTE=true          no key: only where nothing but your app can reach the port
 # Callers that use a service name (http://odata-proxy:8080) also need ODATA_AUTH_PROXY_ALLOWED_HOSTS=odata-proxy.
 
+# The base of both stages: --build-arg PYTHON_IMAGE=... for another Debian-based Python >= 3.11 that behaves like the
+# official image (python and pip on PATH, pip may install into the system, useradd). ci/container-image.sh builds
+# the image with podman on a local stand-in made from Debian packages, for machines that reach no registry.
+ARG PYTHON_IMAGE=python:3.12-slim
+
 # ---- build stage: the project and its dependencies as wheels --------------------------------------------------
-FROM python:3.12-slim AS build
+FROM ${PYTHON_IMAGE} AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
@@ -22,10 +27,14 @@ COPY proxy ./proxy
 RUN pip wheel --wheel-dir /wheels .
 
 # ---- final stage: the wheels installed, no sources, no build tools ----------------------------------------------
-FROM python:3.12-slim
+FROM ${PYTHON_IMAGE}
+# The user and its group are both 10001 and both exist (uid and gid named numerically below, so that Kubernetes'
+# runAsNonRoot can verify them). Not called "proxy": Debian-based images already have that system user (uid 13).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     pip install --no-cache-dir --no-index --find-links /wheels odata-auth-proxy \
- && useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin proxy
+ && groupadd --system --gid 10001 odata-auth-proxy \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+      odata-auth-proxy
 
 # 0.0.0.0 requires ODATA_AUTH_PROXY_INBOUND_API_KEY or ODATA_AUTH_PROXY_ALLOW_REMOTE=true (see above)
 ENV ODATA_AUTH_PROXY_LISTEN=0.0.0.0:8080 \

@@ -731,7 +731,8 @@ class Instruction:
 
 
 def dockerfile_stages(text: str) -> list[list[Instruction]]:
-    """Instructions per build stage (comments dropped, continuation lines joined)."""
+    """Instructions per build stage (comments dropped, continuation lines joined); the global ``ARG``s (before
+    the first ``FROM``) are not a stage: their defaults are put into the ``FROM`` lines, as a plain build does."""
     logical: list[str] = []
     current = ""
     for raw in text.splitlines():
@@ -748,10 +749,16 @@ def dockerfile_stages(text: str) -> list[list[Instruction]]:
             logical.append(current.strip())
         current = ""
     stages: list[list[Instruction]] = []
+    global_args: dict[str, str] = {}
     for line in logical:
         keyword, _, args = line.partition(" ")
+        if keyword.upper() == "ARG" and not stages:
+            name, _, default = args.strip().partition("=")
+            global_args[name] = default
+            continue
         if keyword.upper() == "FROM":
             stages.append([])
+            args = re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: global_args[m[1] or m[2]], args)
         assert stages, f"instruction before FROM: {line}"
         stages[-1].append(Instruction(keyword.upper(), args.strip()))
     return stages
@@ -827,6 +834,10 @@ def test_dockerfile_shape() -> None:
     stages = read_dockerfile()
     final = stages[-1]
     assert one(final, "FROM").split()[0] == "python:3.12-slim"
+    # the base is a build argument (CI builds on a stand-in, ci/container-image.sh), the same for both stages
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.12-slim$", text, flags=re.MULTILINE)
+    assert re.findall(r"^FROM (\S+)", text, flags=re.MULTILINE) == ["${PYTHON_IMAGE}", "${PYTHON_IMAGE}"]
     assert len(stages) >= 2, "multi-stage: build the wheel in a builder stage"
     builder = stages[0]
     assert any("pip wheel" in i.args for i in builder if i.keyword == "RUN")
@@ -834,8 +845,12 @@ def test_dockerfile_shape() -> None:
     assert installs and "--no-index" in installs[0] and "from=build" in installs[0]
     assert not any(i.keyword in ("COPY", "ADD") and "proxy" in i.args.split() for i in final), "no sources in the image"
 
-    user = one(final, "USER").split(":")[0]
-    assert user not in ("root", "0"), "run as a non-root user"
+    # a non-root user whose uid and gid both exist in the image (created by the install step), numeric for
+    # Kubernetes' runAsNonRoot, and not "proxy" (Debian-based images have that system user, uid 13, already)
+    assert one(final, "USER") == "10001:10001"
+    assert re.search(r"groupadd [^&]*--gid 10001 ", installs[0]), "the group 10001 exists"
+    assert re.search(r"useradd [^&]*--uid 10001 [^&]*--gid 10001 ", installs[0]), "user 10001 in group 10001"
+    assert not installs[0].rstrip().endswith(" proxy"), "Debian-based images have a user proxy (uid 13) already"
     assert one(final, "EXPOSE") == "8080"
     assert json.loads(one(final, "ENTRYPOINT")) == ["odata-auth-proxy", "run"]  # exec form
     env = dockerfile_env(final)
@@ -845,7 +860,6 @@ def test_dockerfile_shape() -> None:
     check = healthcheck_command(final)
     assert check[:2] == ["python", "-c"] and "/-/healthz" in check[2] and "127.0.0.1" in check[2]
     assert "curl" not in check[2] and "wget" not in check[2]
-    text = (ROOT / "Dockerfile").read_text()
     assert "ODATA_AUTH_PROXY_INBOUND_API_KEY" in text and "ODATA_AUTH_PROXY_ALLOW_REMOTE=true" in text
 
     # every file the build copies is in the build context, and no key material is
