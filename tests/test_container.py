@@ -2,7 +2,7 @@
 python:3.12-slim made from Debian packages, where no registry is reachable) and run against the test token server
 and upstream on 127.0.0.1 (``--network host``, the throwaway CA mounted and named by ODATA_AUTH_PROXY_CA_BUNDLE).
 
-Opt-in: ODATA_AUTH_PROXY_CONTAINER_TESTS=1. The first test builds the image once per session (the script only
+Opt-in: CONTAINER_TESTS=1. The first test builds the image once per session (the script only
 checks when an image from the same sources exists); skipped with the reason where podman cannot run.
 """
 
@@ -31,7 +31,7 @@ from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, mtls_to
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "container-image.sh"
 IMAGE = "localhost/odata-auth-proxy:ci"  # the script's default tag
-OPT_IN = "ODATA_AUTH_PROXY_CONTAINER_TESTS"
+OPT_IN = "CONTAINER_TESTS"
 API_KEY = "container-inbound-key-0123456789abcdef"
 CA_IN_CONTAINER = "/run/odata-auth-proxy/ca.pem"
 # what these machines need (../shared/containers.md): runc and cgroupfs, ulimits that need no raising
