@@ -162,16 +162,6 @@ class RequestBody:
         self._end = None
         self._on_error = None
 
-    async def wait_complete(self) -> None:
-        while not self.complete:
-            if self.error is not None:
-                raise self.error
-            self._waiter = self.conn.loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
 
 def _discard(chunk: bytes) -> None:
     return None
