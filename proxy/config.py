@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import socket
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,7 +189,18 @@ def _env_int(value: str, name: str) -> int:
 def check_workers(value: int, where: str) -> int:
     if value < 1:
         raise ConfigError(f"{where}: must be at least 1 (one serving process), got {value}")
+    if value > 1 and not workers_supported():
+        raise ConfigError(
+            f"{where}: {value} serving processes need Unix sockets and inherited listening sockets, which this "
+            f"platform ({sys.platform}) lacks; use 1 (one process serves every connection)"
+        )
     return value
+
+
+def workers_supported() -> bool:
+    """``workers`` > 1 needs the token broker's Unix socket and listening sockets passed to the workers (POSIX);
+    without ``SO_REUSEPORT`` balancing they share one socket (``proxy.workers.bind_listeners``)."""
+    return os.name == "posix" and hasattr(socket, "AF_UNIX")
 
 
 def _or_default(value: float | None, default: float) -> float:

@@ -12,6 +12,7 @@ and the process exits 0. A second signal exits at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -35,12 +36,42 @@ log = logging.getLogger("odata_auth_proxy")
 
 
 def install_lifecycle_signals(on_stop: Callable[[signal.Signals], None], on_reload: Callable[[], None]) -> None:
-    """SIGINT/SIGTERM → ``on_stop(signal)`` (drain), SIGHUP → ``on_reload()``, on the running loop."""
+    """SIGINT/SIGTERM → ``on_stop(signal)`` (drain), SIGHUP → ``on_reload()``, on the running loop.
+
+    Where the loop has no ``add_signal_handler`` (Windows' Proactor loop raises NotImplementedError), the
+    handlers are installed with ``signal.signal`` and hand over to the loop; Ctrl+Break (SIGBREAK) stops
+    too, and there is no SIGHUP (reload through the file watch)."""
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_stop, sig)
-    if hasattr(signal, "SIGHUP"):
-        loop.add_signal_handler(signal.SIGHUP, on_reload)
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_stop, sig)
+        if hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, on_reload)
+    except NotImplementedError:
+        _install_signal_handover(loop, on_stop, on_reload)
+
+
+def _install_signal_handover(
+    loop: asyncio.AbstractEventLoop, on_stop: Callable[[signal.Signals], None], on_reload: Callable[[], None]
+) -> None:
+    """``signal.signal`` handlers that run the callbacks on ``loop`` (``call_soon_threadsafe`` wakes it)."""
+
+    def handover(callback: Callable[..., None], *args: object) -> Callable[[int, object], None]:
+        def handler(signum: int, frame: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed: the process is ending
+                loop.call_soon_threadsafe(callback, *args)
+
+        return handler
+
+    stops = [signal.SIGINT, signal.SIGTERM]
+    sigbreak = getattr(signal, "SIGBREAK", None)  # Windows: Ctrl+Break
+    if sigbreak is not None:
+        stops.append(sigbreak)
+    for sig in stops:
+        signal.signal(sig, handover(on_stop, sig))
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is not None:
+        signal.signal(sighup, handover(on_reload))
 
 
 class StartupError(Exception):
