@@ -15,7 +15,7 @@ import socket
 import ssl
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -463,3 +463,24 @@ async def proxy_subprocess(config: Path, port: int, log_path: Path) -> AsyncIter
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+# --------------------------------------------------------------------------- raw HTTP
+
+
+def raw_request(
+    method: str,
+    target: str,
+    port: int,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    version: str = "HTTP/1.1",
+) -> bytes:
+    """A request head (+ body) byte for byte; Content-Length is added for a body unless framing is given."""
+    lines = [f"{method} {target} {version}", f"Host: 127.0.0.1:{port}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    names = {name.lower() for name, _ in headers}
+    if body and "content-length" not in names and "transfer-encoding" not in names:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body

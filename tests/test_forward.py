@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from tests.conftest import (
     free_port,
     make_config,
     proxy_subprocess,
+    raw_request,
     rss_bytes,
     running_proxy,
     secret_route,
@@ -48,17 +49,6 @@ class RawResponse:
     status: int
     headers: CIMultiDict[str]
     body: bytes
-
-
-def raw_request(
-    method: str, target: str, port: int, headers: Sequence[tuple[str, str]] = (), body: bytes = b""
-) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    names = {name.lower() for name, _ in headers}
-    if body and "content-length" not in names and "transfer-encoding" not in names:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 async def read_response(reader: asyncio.StreamReader, *, head: bool = False) -> RawResponse:

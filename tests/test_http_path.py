@@ -38,6 +38,7 @@ from tests.conftest import (
     free_port,
     make_config,
     proxy_subprocess,
+    raw_request,
     rss_bytes,
     running_proxy,
     secret_route,
@@ -72,24 +73,6 @@ class RawResponse:
 
 
 STATUS_LINE = re.compile(rb"^HTTP/(1\.[01]) (\d{3})(?: [^\r\n]*)?\r?\n$")
-
-
-def raw_request(
-    method: str,
-    target: str,
-    port: int,
-    headers: Sequence[tuple[str, str]] = (),
-    body: bytes = b"",
-    *,
-    version: str = "HTTP/1.1",
-) -> bytes:
-    """A request head (+ body) byte for byte; Content-Length is added for a body unless framing is given."""
-    lines = [f"{method} {target} {version}", f"Host: 127.0.0.1:{port}"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    names = {name.lower() for name, _ in headers}
-    if body and "content-length" not in names and "transfer-encoding" not in names:
-        lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 async def read_response(reader: asyncio.StreamReader) -> RawResponse:
