@@ -121,8 +121,9 @@ async def measure(args: argparse.Namespace) -> float:
     runtime.pool.connect = connect  # type: ignore[method-assign]
     if args.floor:
 
-        async def trivial(conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+        def trivial(conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
             conn.start_response(head, b"HTTP/1.1 200 OK\r\n", 2, body=b"ok")
+            conn.request_done(head)
 
         server.listener.handler = trivial
     conn = server.listener.protocol()
@@ -144,6 +145,7 @@ async def measure(args: argparse.Namespace) -> float:
     if profile is not None:
         profile.disable()
         pstats.Stats(profile).sort_stats("tottime").print_stats(25)
+        profile.dump_stats("/tmp/micro.prof")
     await server.stop()
     return per_request
 

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from proxy.exchange import CLIENT_DISCONNECTED, Exchange
 from proxy.filters.base import PENDING, BodyTransform, Chain, Filter, Pending
@@ -34,6 +37,15 @@ class BodyTooLarge(Exception):
     pass
 
 
+class Later:
+    """What :meth:`Pipeline._answer_whole` returns when the answer's body is still on its way."""
+
+    __slots__ = ()
+
+
+_LATER = Later()
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     replay_limit: int
@@ -50,7 +62,11 @@ class Pipeline:
         self.settings = settings
         self.log = LogThrottle(log)  # an unreachable upstream under load: one line, then a count
 
-    async def __call__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+    def __call__(self, conn: ClientConnection, head: RequestHead, body: RequestBody) -> None:
+        """Start a request. The common case needs no task: the request hooks run here, the request goes out on
+        a pooled connection, and the answer is sent back from that connection's read callback
+        (:meth:`_answer_ready`). Anything that must wait (a token fetch, a request body, a new connection, a
+        replay, a streamed answer) continues in a task of its own (:meth:`_continue`)."""
         ex = Exchange(conn, head, body)
         conn.exchange = ex
         try:
@@ -63,25 +79,88 @@ class Pipeline:
                         break
                     reply = None
                     pending = [flt] if pending is None else [*pending, flt]
-            if reply is None and pending is not None:
-                for flt in pending:
-                    reply = await flt.prepare(ex)
-                    if reply is not None:
-                        break
-            if reply is None:
-                reply = await self._forward(ex)
             if isinstance(reply, Reply):
                 self.answer(ex, reply)
-        except ClientGone:
+            elif pending is None and not head.has_body and ex.origin is not None:
+                up = self.pool.take_idle(ex.origin)
+                if up is None:
+                    self._continue(ex, self._forward(ex))
+                    return
+                if head.content_length == 0:
+                    ex.body_data = b""
+                self._send_request(ex, up)
+                up.ready = partial(self._answer_ready, ex)
+                return
+            else:
+                self._continue(ex, self._forward(ex, pending))
+                return
+        except BaseException as exc:
+            self._end(ex, self._trouble(ex, exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._end(ex, False)
+
+    def _answer_ready(self, ex: Exchange, up: UpstreamConnection) -> None:
+        """From the upstream connection's read callback: the answer's head arrived (or the attempt failed).
+        A complete answer nobody needs to look at twice goes back to the client right here."""
+        up.ready = None
+        answer = up.head
+        try:
+            if answer is None or answer.status in self.chain.answer_statuses:
+                self._continue(ex, self._forward(ex, sent=up))  # a failure to judge, or a replay to decide
+                return
+            result = self._answer_whole(ex, up, answer)
+            if result is _LATER:
+                self._continue(ex, self._forward(ex, sent=up))  # the body is still on its way
+                return
+            if isinstance(result, Reply):
+                self.answer(ex, result)
+        except BaseException as exc:
+            up.abort()
+            self._end(ex, self._trouble(ex, exc))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._end(ex, False)
+
+    def _continue(self, ex: Exchange, work: Coroutine[Any, Any, Reply | None]) -> None:
+        """Run the rest of the request in a task (the connection keeps a reference to it)."""
+        ex.conn.task = ex.conn.loop.create_task(self._run(ex, work))
+
+    async def _run(self, ex: Exchange, work: Coroutine[Any, Any, Reply | None]) -> None:
+        close = False
+        try:
+            reply = await work
+            if isinstance(reply, Reply):
+                self.answer(ex, reply)
+        except BaseException as exc:
+            close = self._trouble(ex, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._end(ex, close)
+
+    def _trouble(self, ex: Exchange, exc: BaseException) -> bool:
+        """What went wrong while answering, for the access log; returns True: the connection must close."""
+        if isinstance(exc, ClientGone):
             if ex.error is None:
                 ex.error = CLIENT_DISCONNECTED
                 ex.status = 499
-            raise
-        finally:
+        elif isinstance(exc, Exception) and not isinstance(exc, ConnectionError):
+            ex.conn.handler_failed(ex.head, exc)  # a bug: a 500 when nothing was sent yet
+            ex.status = 500
+        return True
+
+    def _end(self, ex: Exchange, close: bool) -> None:
+        """The exchange is over: the filters observe it, the connection goes on to the next request."""
+        try:
             if ex.status == 0:
                 ex.status = 500 if ex.error is None else 502
             for flt in self.chain.on_finished:
                 flt.finished(ex)
+        finally:
+            ex.conn.request_done(ex.head, close=close)
 
     # ---------------------------------------------------------------- the proxy's own answers
 
@@ -110,9 +189,18 @@ class Pipeline:
 
     # ---------------------------------------------------------------- forwarding
 
-    async def _forward(self, ex: Exchange) -> Reply | None:
+    async def _forward(
+        self, ex: Exchange, pending: list[Filter] | None = None, *, sent: UpstreamConnection | None = None
+    ) -> Reply | None:
+        """The request from where :meth:`__call__` left it: ``pending`` filters to await first, or an attempt
+        already ``sent`` whose answer (or failure) has arrived."""
         head, body, settings = ex.head, ex.body, self.settings
-        if head.has_body:
+        if pending is not None:
+            for flt in pending:
+                reply = await flt.prepare(ex)
+                if reply is not None:
+                    return reply
+        if sent is None and head.has_body:
             if settings.max_body is not None and (head.content_length or 0) > settings.max_body:
                 return self._too_large()
             if head.expect_continue and not body.size and not body.complete:
@@ -133,19 +221,22 @@ class Pipeline:
                 ex.streaming = True
         elif head.content_length == 0:
             ex.body_data = b""
-        attempts = 0
+        attempts = 0 if sent is None else 1
         replayed: set[int] = set()
+        up = sent
         while True:
-            attempts += 1
-            assert ex.origin is not None
-            up = self.pool.take_idle(ex.origin)
             if up is None:
-                try:
-                    up = await self.pool.connect(ex.origin)
-                except UpstreamError as exc:
-                    return self._upstream_error(ex, exc)
+                attempts += 1
+                assert ex.origin is not None
+                up = self.pool.take_idle(ex.origin)
+                if up is None:
+                    try:
+                        up = await self.pool.connect(ex.origin)
+                    except UpstreamError as exc:
+                        return self._upstream_error(ex, exc)
+                self._send_request(ex, up)
             try:
-                answer = await self._exchange(ex, up)
+                answer = await up.response_head()
             except UpstreamError as exc:
                 if ex.conn.closed:
                     raise ClientGone from None  # the client went (or was cut): not the upstream's failure
@@ -153,6 +244,7 @@ class Pipeline:
                 if failed is not None:
                     return failed
                 if isinstance(exc, UpstreamClosed) and up.reused and ex.replayable and attempts < _MAX_ATTEMPTS:
+                    up = None
                     continue  # the pooled connection had been closed by the upstream: try a fresh one
                 return self._upstream_error(ex, exc)
             except BaseException:
@@ -172,6 +264,7 @@ class Pipeline:
                 return replay
             if replay and ex.replayable and attempts < _MAX_ATTEMPTS:
                 self._discard(up)
+                up = None
                 continue
             try:
                 return await self._send_back(ex, up, answer)
@@ -190,8 +283,8 @@ class Pipeline:
             return self._too_large()
         raise ClientGone
 
-    async def _exchange(self, ex: Exchange, up: UpstreamConnection) -> ResponseHead:
-        """Send the request (head and body) on ``up``; return the answer's head."""
+    def _send_request(self, ex: Exchange, up: UpstreamConnection) -> None:
+        """Send the request head (and the buffered body, or start streaming it) on ``up``."""
         head = ex.head
         lines = [
             f"{head.method} {ex.upstream_target} HTTP/1.1\r\nHost: ".encode("latin-1"),
@@ -232,7 +325,6 @@ class Pipeline:
         conn.watchdog = self._watchdog
         if ex.streaming:
             self._stream_upload(ex, up, client_chunked)
-        return await up.response_head()
 
     def _watchdog(self, conn: ClientConnection, now: float) -> None:
         """From the listener's sweep: an upstream silent for ``timeouts.read`` is given up (504 or a cut)."""
@@ -290,63 +382,83 @@ class Pipeline:
             flt.response_headers(ex, lines, answer)
         return lines
 
-    async def _send_back(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead) -> Reply | None:
+    def _answer_whole(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead) -> Reply | Later | None:
+        """Send an answer that has no body or whose body is all here, in one write; ``_LATER`` otherwise."""
         head, conn = ex.head, ex.conn
         ex.upstream_status = answer.status
         ex.status = answer.status
-        has_body = head.method != "HEAD" and answer.status not in (204, 304)
+        if head.method == "HEAD" or answer.status in (204, 304):
+            lines = self._client_head(ex, answer)
+            length = answer.content_length if head.method == "HEAD" else None
+            conn.start_response(head, b"".join(lines), length, has_body=False)
+            self._done_with(ex, up)
+            return None
+        if not up.complete:
+            return _LATER
         transform: BodyTransform | None = None
-        if has_body:
-            for flt in self.chain.on_body:
-                transform = flt.body_transform(ex, answer)
-                if transform is not None:
-                    break
-        length = answer.content_length
-        if not has_body:
-            lines = self._client_head(ex, answer)
-            conn.start_response(head, b"".join(lines), length if head.method == "HEAD" else None, has_body=False)
-            self._done_with(ex, up)
-            return None
-        if up.complete or (length is not None and length <= SMALL_BODY):
+        for flt in self.chain.on_body:
+            transform = flt.body_transform(ex, answer)
+            if transform is not None:
+                break
+        data = up.take_body()
+        if transform is not None:
             try:
-                if not up.complete:
-                    await up.wait_complete()
-                data = up.take_body()
-                if transform is not None:
-                    data = transform.whole(data)
-            except (UpstreamError, zlib.error) as exc:
-                up.abort()
-                detail = "the upstream broke off its " + (f"{length}-byte answer" if length is not None else "answer")
-                received = getattr(exc, "received", 0)
-                if received:
-                    detail += f" after {received} bytes"
-                ex.error = "upstream_body_incomplete"
-                route_name = ex.route.name if ex.route else "-"
-                self.log.log(
-                    logging.WARNING,
-                    (route_name, "upstream_body_incomplete"),
-                    "route %s: %s (%s)",
-                    route_name,
-                    detail,
-                    exc.__class__.__name__,
-                )
-                return json_reply(
-                    502,
-                    {
-                        "error": "upstream_body_incomplete",
-                        "detail": detail,
-                        "route": ex.route.name if ex.route else None,
-                        "upstream_status": answer.status,
-                    },
-                )
-            lines = self._client_head(ex, answer)
-            conn.start_response(head, b"".join(lines), len(data), body=data)
-            self._done_with(ex, up)
-            return None
+                data = transform.whole(data)
+            except zlib.error as exc:
+                return self._body_incomplete(ex, up, answer, exc)
         lines = self._client_head(ex, answer)
-        conn.start_response(head, b"".join(lines), None if transform is not None else length)
+        conn.start_response(head, b"".join(lines), len(data), body=data)
+        self._done_with(ex, up)
+        return None
+
+    async def _send_back(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead) -> Reply | None:
+        result = self._answer_whole(ex, up, answer)
+        if result is not _LATER:
+            return result  # type: ignore[return-value]
+        length = answer.content_length
+        if length is not None and length <= SMALL_BODY:
+            try:
+                await up.wait_complete()
+            except UpstreamError as exc:
+                return self._body_incomplete(ex, up, answer, exc)
+            return self._answer_whole(ex, up, answer)  # type: ignore[return-value]
+        transform: BodyTransform | None = None
+        for flt in self.chain.on_body:
+            transform = flt.body_transform(ex, answer)
+            if transform is not None:
+                break
+        lines = self._client_head(ex, answer)
+        ex.conn.start_response(ex.head, b"".join(lines), None if transform is not None else length)
         await self._stream_download(ex, up, transform)
         return None
+
+    def _body_incomplete(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead, exc: BaseException) -> Reply:
+        """A small answer's body broke off (or would not decompress): an honest 502, nothing sent yet."""
+        up.abort()
+        length = answer.content_length
+        detail = "the upstream broke off its " + (f"{length}-byte answer" if length is not None else "answer")
+        received = getattr(exc, "received", 0)
+        if received:
+            detail += f" after {received} bytes"
+        ex.error = "upstream_body_incomplete"
+        route_name = ex.route.name if ex.route else "-"
+        self.log.log(
+            logging.WARNING,
+            (route_name, "upstream_body_incomplete"),
+            "route %s: %s (%s)",
+            route_name,
+            detail,
+            exc.__class__.__name__,
+        )
+        return json_reply(
+            502,
+            {
+                "error": "upstream_body_incomplete",
+                "detail": detail,
+                "route": ex.route.name if ex.route else None,
+                "upstream_status": answer.status,
+            },
+        )
 
     async def _stream_download(self, ex: Exchange, up: UpstreamConnection, transform: BodyTransform | None) -> None:
         conn = ex.conn

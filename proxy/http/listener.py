@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -167,7 +167,9 @@ def _discard(chunk: bytes) -> None:
     return None
 
 
-Handler = Callable[["ClientConnection", RequestHead, RequestBody], Awaitable[None]]
+#: Starts one request; calls ``conn.request_done(head)`` exactly once when it is over (synchronously when the
+#: answer is ready at once, later from a callback or a task of its own).
+Handler = Callable[["ClientConnection", RequestHead, RequestBody], None]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -195,7 +197,10 @@ class ClientConnection(asyncio.Protocol):
         self._too_big: Reply | None = None
         # handling
         self._queue: deque[tuple[RequestHead, RequestBody] | Reply] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._active: RequestHead | None = None  # the request being answered
+        self._starting = False  # inside _next's loop: a request that ends at once must not recurse
+        self._closing = False
+        self.task: asyncio.Task[None] | None = None  # the handler's task, while it needs one (kept referenced)
         self.active_body: RequestBody | None = None
         self.on_lost: Callable[[], None] | None = None  # set by the handler while it streams
         self.exchange: Exchange | None = None  # the handler's record of the request in progress
@@ -243,7 +248,7 @@ class ClientConnection(asyncio.Protocol):
             self._upgraded = True
             if self._queue and not isinstance(self._queue[-1], Reply):
                 self._queue[-1][0].keep_alive = False
-            elif self._task is not None and self.active_body is not None:
+            elif self._active is not None and self.active_body is not None:
                 self._close_after = True
             self._next()
         except httptools.HttpParserError as exc:
@@ -260,7 +265,7 @@ class ClientConnection(asyncio.Protocol):
             # the end of the stream in the middle of a body: that upload was cut short, never half-closed after it
             self._body.fail(ClientGone())
             self._body = None
-        if self._task is not None or self._queue:
+        if self._active is not None or self._queue:
             return True  # half-closed after its request: the answer still goes out, then we close
         return None
 
@@ -370,7 +375,7 @@ class ClientConnection(asyncio.Protocol):
             body.complete = True
         self._body = body
         self._queue.append((head, body))
-        if self._task is None:
+        if self._active is None:
             self._next()
         else:
             self._pause(_PAUSE_PIPELINE)
@@ -405,71 +410,87 @@ class ClientConnection(asyncio.Protocol):
     def _enqueue_reply(self, reply: Reply) -> None:
         self._upgraded = True
         self._queue.append(reply)
-        if self._task is None:
+        if self._active is None:
             self._next()
 
     def _next(self) -> None:
-        """Start the next queued request (or refusal), or go idle."""
-        if self._task is not None or self.closed:
+        """Start the next queued request (or refusal), or go idle.
+
+        Most requests are answered from callbacks without a task of their own, often before the handler returns
+        (a refusal, an admin answer): the loop takes the next pipelined request then, instead of recursing.
+        """
+        if self._starting:
             return
-        if not self._queue:
-            if self.eof or (self.draining and not self._in_head_with_bytes()):
-                self._close()
-            else:
-                self.last_read = time.monotonic()  # the idle clock starts now
-                self._resume(_PAUSE_PIPELINE)
-            return
-        item = self._queue.popleft()
-        self.response_started = False
-        self._chunked_out = False
-        self._close_after = False
-        self.bytes_out = 0
-        if isinstance(item, Reply):
-            self._write_reply(item, "1.1", keep_alive=False, head_only=False)
-            self._close()
-            return
-        head, body = item
-        self.active_body = body
-        self._task = self.loop.create_task(self._run(head, body))
+        self._starting = True
+        try:
+            while self._active is None and not self.closed and not self._closing:
+                if not self._queue:
+                    if self.eof or (self.draining and not self._in_head_with_bytes()):
+                        self._close()
+                    else:
+                        self.last_read = time.monotonic()  # the idle clock starts now
+                        self._resume(_PAUSE_PIPELINE)
+                    return
+                item = self._queue.popleft()
+                self.response_started = False
+                self._chunked_out = False
+                self._close_after = False
+                self.bytes_out = 0
+                if isinstance(item, Reply):
+                    self._write_reply(item, "1.1", keep_alive=False, head_only=False)
+                    self._close()
+                    return
+                head, body = item
+                self.active_body = body
+                self._active = head
+                try:
+                    self.listener.handler(self, head, body)
+                except Exception as exc:  # a bug must cost one request, not the connection's silence
+                    self.handler_failed(head, exc)
+        finally:
+            self._starting = False
 
     def _in_head_with_bytes(self) -> bool:
         return self._head is not None and self._body is None and self._in_head
 
-    async def _run(self, head: RequestHead, body: RequestBody) -> None:
-        try:
-            await self.listener.handler(self, head, body)
-        except (ClientGone, ConnectionError):
-            self._close_after = True
-        except Exception as exc:  # a bug must cost one request, not the connection's silence
-            log.error("internal error while answering %s: %s", head.method, exc.__class__.__name__)
-            if not self.response_started and not self.closed:
-                self.respond(
-                    head,
-                    json_reply(500, {"error": "internal_error", "detail": exc.__class__.__name__}, close=True),
-                )
-            self._close_after = True
-        finally:
-            self._finished(head, body)
+    def handler_failed(self, head: RequestHead, exc: BaseException) -> None:
+        """The last resort for a bug in the handler: a 500 when nothing was sent yet, then close."""
+        log.error("internal error while answering %s: %s", head.method, exc.__class__.__name__)
+        if not self.response_started and not self.closed:
+            self.respond(
+                head,
+                json_reply(500, {"error": "internal_error", "detail": exc.__class__.__name__}, close=True),
+            )
+        self.request_done(head, close=True)
 
-    def _finished(self, head: RequestHead, body: RequestBody) -> None:
-        self._task = None
+    def request_done(self, head: RequestHead, *, close: bool = False) -> None:
+        """The handler is done with ``head``: keep the connection for the next request, or close it."""
+        if self._active is not head:
+            return  # already done (a bug path reported it twice)
+        body = self.active_body
+        self._active = None
+        self.task = None
         self.active_body = None
         self.on_lost = None
         self.exchange = None
         self.watchdog = None
         self.flow_peer = None
+        if close:
+            self._close_after = True
         self.listener.changed()
         if self.closed:
             return
-        if not body.complete and not self.eof and self.response_started:
+        complete = body is None or body.complete
+        if not complete and not self.eof and self.response_started:
             self._close_lingering()
             return
-        if self._close_after or not head.keep_alive or not body.complete or (self._upgraded and not self._queue):
+        if self._close_after or not head.keep_alive or not complete or (self._upgraded and not self._queue):
             self._close()
             return
         self._next()
 
     def _close(self) -> None:
+        self._closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 
@@ -482,6 +503,7 @@ class ClientConnection(asyncio.Protocol):
             return
         self._upgraded = True  # nothing more is parsed
         self._lingering = True
+        self._closing = True
         self._resume(_PAUSE_PIPELINE | _PAUSE_PEER)
         if transport.can_write_eof():
             transport.write_eof()
@@ -496,7 +518,7 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None or bool(self._queue)
+        return self._active is not None or bool(self._queue)
 
     # ---------------------------------------------------------------- flow control
 
@@ -650,7 +672,7 @@ class ClientConnection(asyncio.Protocol):
             log.info("client %s stopped sending its request body for %.0f s", self.peer, settings.client_body)
             body.fail(BodyTimeout())
             return
-        if self._task is not None or self._queue:
+        if self._active is not None or self._queue:
             return
         if self._in_head:
             if now - self._head_started > settings.client_header:
@@ -732,17 +754,17 @@ class Listener:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle_waiter, max(0.0, deadline - time.monotonic()))
         cut = 0
-        running: list[asyncio.Task[None]] = []
         for conn in list(self.connections):
             if conn.busy:
                 cut += 1
-                if conn._task is not None:
-                    running.append(conn._task)
                 conn.cut("drain_timeout")
             else:
                 conn._close()
-        if running:  # let the cut requests see it and write their access log lines (they end at once)
-            await asyncio.wait(running, timeout=1.0)
+        if cut:  # let the cut requests see it and write their access log lines (they end at once)
+            self._idle_waiter = self.loop.create_future()
+            self.changed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle_waiter, 1.0)
         await self.close()
         return cut
 

@@ -134,6 +134,9 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._reset_parser = False
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._done_waiter: asyncio.Future[None] | None = None
+        #: called once, from the read callback, when the answer's head is here or the attempt failed: the
+        #: forwarding core's way to answer without a task (``response_head`` is the awaitable way)
+        self.ready: Callable[[UpstreamConnection], None] | None = None
 
     # ---------------------------------------------------------------- asyncio.BufferedProtocol
 
@@ -158,6 +161,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if self._reset_parser:
             self._reset_parser = False
             self.parser = httptools.HttpResponseParser(self)
+        ready = self.ready
+        if ready is not None and self.head is not None:
+            self.ready = None
+            ready(self)
 
     def eof_received(self) -> bool | None:
         return None
@@ -264,6 +271,10 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             if waiter is not None and not waiter.done():
                 waiter.set_exception(error)
                 waiter.exception()  # retrieved here: nobody may be waiting any more
+        ready = self.ready
+        if ready is not None:
+            self.ready = None
+            ready(self)
 
     def abort(self) -> None:
         self.closed = True
