@@ -12,7 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any
 
 from proxy import __version__
-from proxy.config import Config, ConfigError, Overrides, load_config
+from proxy.config import Config, ConfigError, Overrides, load_config, workers_problem
 from proxy.guard import listen_address_problem
 
 log = logging.getLogger("odata_auth_proxy")
@@ -37,8 +37,8 @@ def _common_source_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--service-key",
         metavar="FILE",
-        help="SAP BTP service key JSON, exactly as downloaded (env ODATA_AUTH_PROXY_SERVICE_KEY; "
-        "or the JSON itself in ODATA_AUTH_PROXY_SERVICE_KEY_JSON)",
+        help="SAP BTP service key JSON, exactly as downloaded, or keyring:NAME for one stored with 'keyring add' "
+        "(env ODATA_AUTH_PROXY_SERVICE_KEY; or the JSON itself in ODATA_AUTH_PROXY_SERVICE_KEY_JSON)",
     )
     parser.add_argument(
         "--upstream", metavar="URL", help="API base URL, when the key has none (env ODATA_AUTH_PROXY_UPSTREAM)"
@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser(
         "run",
         help="run the proxy",
-        description="Run the proxy in the foreground until SIGINT/SIGTERM.",
+        description="Run the proxy in the foreground until Ctrl+C (SIGINT), SIGTERM or, on Windows, Ctrl+Break. "
+        "It re-reads its configuration on SIGHUP, on 'odata-auth-proxy reload' (POST /-/reload) and when a "
+        "file it was read from changes.",
         epilog=RUN_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -155,6 +157,29 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     validate.add_argument("file", metavar="FILE")
+
+    reload_cmd = sub.add_parser(
+        "reload",
+        help="make the running proxy re-read its configuration (POST /-/reload; the way without SIGHUP)",
+        description="Ask the running proxy to re-read its config file and keys (the same reload as SIGHUP, which "
+        "Windows lacks) and print the outcome in one line. It goes to admin_listen when the config sets one, "
+        "else to listen, and sends the inbound API key when one is configured. Exit code 0 only if reloaded.",
+        epilog="examples:\n  odata-auth-proxy reload --config proxy.yaml\n"
+        "  odata-auth-proxy reload --admin http://127.0.0.1:9090",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    reload_cmd.add_argument(
+        "--config", metavar="FILE", help="the config file the proxy runs with (env ODATA_AUTH_PROXY_CONFIG)"
+    )
+    reload_cmd.add_argument(
+        "--admin",
+        metavar="URL",
+        help="where the proxy serves /-/reload, e.g. http://127.0.0.1:8080 (default: from the config)",
+    )
+
+    from proxy.keychaincmd import add_parser as add_keyring_parser
+
+    add_keyring_parser(sub)
     return parser
 
 
@@ -181,6 +206,13 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=("text", "json"), help="log format (env ODATA_AUTH_PROXY_LOG_FORMAT)")
     parser.add_argument("--shutdown-timeout", type=float, metavar="SECONDS", help="drain time on SIGTERM (default 30)")
     parser.add_argument("-v", "--verbose", action="store_true", default=None, help="debug logging")
+    parser.add_argument(
+        "--no-ui",
+        dest="ui",
+        action="store_false",
+        default=None,
+        help="turn off the live inspector page /-/ and its JSON /-/api/* (env ODATA_AUTH_PROXY_UI=false)",
+    )
 
 
 def overrides_from_args(args: argparse.Namespace) -> Overrides:
@@ -203,6 +235,7 @@ def overrides_from_args(args: argparse.Namespace) -> Overrides:
         shutdown_timeout=get("shutdown_timeout"),
         client_auth=get("client_auth"),
         workers=get("workers"),
+        ui=get("ui"),
     )
 
 
@@ -228,6 +261,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_check(args, overrides_from_args(args))
         if args.command == "config" and args.config_command == "validate":
             return cmd_config_validate(args.file)
+        if args.command == "reload":
+            from proxy.reloadcmd import cmd_reload
+
+            return cmd_reload(args)
+        if args.command == "keyring":
+            from proxy.keychaincmd import cmd_keyring
+
+            return cmd_keyring(args)
     except ConfigError as exc:
         error(str(exc))
         return EXIT_CONFIG
@@ -271,6 +312,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     overrides = overrides_from_args(args)
     config = _checked_config(overrides)
+    problem = workers_problem(config.workers, _workers_source(overrides))
+    if problem:
+        raise ConfigError(problem)
     setup_logging(config.log_format, config.verbose)
     prepared = prepare(config)
 
@@ -282,6 +326,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         return run_workers(prepared, overrides, reload)
     return run_async(_serve(prepared, reload))
+
+
+def _workers_source(overrides: Overrides) -> str:
+    """Where the ``workers`` value came from, for the refusal line (flag > environment > file)."""
+    if overrides.workers is not None:
+        return "--workers"
+    if os.environ.get("ODATA_AUTH_PROXY_WORKERS"):
+        return "ODATA_AUTH_PROXY_WORKERS"
+    return "workers"
 
 
 async def _serve(prepared: Any, reload: Any, banner_extra: list[str] | None = None) -> int:
@@ -322,7 +375,13 @@ async def _demo(args: argparse.Namespace, overrides: Overrides) -> int:
         env = {
             k: v
             for k, v in os.environ.items()
-            if k in ("ODATA_AUTH_PROXY_LISTEN", "ODATA_AUTH_PROXY_LOG_FORMAT", "ODATA_AUTH_PROXY_INBOUND_API_KEY")
+            if k
+            in (
+                "ODATA_AUTH_PROXY_LISTEN",
+                "ODATA_AUTH_PROXY_LOG_FORMAT",
+                "ODATA_AUTH_PROXY_INBOUND_API_KEY",
+                "ODATA_AUTH_PROXY_UI",
+            )
         }
         env["DEMO_CLIENT_SECRET"] = backend.client_secret
         config = load_config(overrides, env={**env, **_demo_env(backend)})
@@ -365,7 +424,11 @@ def cmd_config_validate(path: str) -> int:
     for route in config.routes:
         creds = route.credentials
         print(f"  {route.name}: {route.prefix} -> {route.upstream} ({creds.kind}, client id {creds.client_id})")
-    for warning in prepared.warnings:
+    warnings = list(prepared.warnings)
+    problem = workers_problem(config.workers, "workers")
+    if problem:
+        warnings.append(f"{problem} ('run' refuses this here)")
+    for warning in warnings:
         print(f"  warning: {warning}")
     return EXIT_OK
 

@@ -88,6 +88,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     source: str | None = None  # the config file, when there was one
     watch: bool = True  # reload when a file the configuration came from changes (``proxy.watch``)
+    ui: bool = True  # the live inspector page and its JSON under /-/ (``proxy.inspector``)
     files: tuple[str, ...] = field(default=(), compare=False)  # those files, besides the credentials' own
 
 
@@ -113,6 +114,7 @@ class Overrides:
     client_auth: str | None = None
     workers: int | None = None
     watch: bool | None = None
+    ui: bool | None = None
 
 
 def overrides_from_env(env: Mapping[str, str]) -> Overrides:
@@ -124,6 +126,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
 
     allow_remote = get("ALLOW_REMOTE")
     watch = get("WATCH")
+    ui = get("UI")
     timeout = get("SHUTDOWN_TIMEOUT")
     workers = get("WORKERS")
     return Overrides(
@@ -139,6 +142,7 @@ def overrides_from_env(env: Mapping[str, str]) -> Overrides:
         admin_listen=get("ADMIN_LISTEN"),
         allow_remote=_env_bool(allow_remote, ENV_PREFIX + "ALLOW_REMOTE") if allow_remote else None,
         watch=_env_bool(watch, ENV_PREFIX + "WATCH") if watch else None,
+        ui=_env_bool(ui, ENV_PREFIX + "UI") if ui else None,
         allowed_hosts=[h.strip() for h in (get("ALLOWED_HOSTS") or "").split(",") if h.strip()],
         log_format=get("LOG_FORMAT"),
         shutdown_timeout=_env_float(timeout, ENV_PREFIX + "SHUTDOWN_TIMEOUT") if timeout else None,
@@ -189,12 +193,18 @@ def _env_int(value: str, name: str) -> int:
 def check_workers(value: int, where: str) -> int:
     if value < 1:
         raise ConfigError(f"{where}: must be at least 1 (one serving process), got {value}")
-    if value > 1 and not workers_supported():
-        raise ConfigError(
-            f"{where}: {value} serving processes need Unix sockets and inherited listening sockets, which this "
-            f"platform ({sys.platform}) lacks; use 1 (one process serves every connection)"
-        )
     return value
+
+
+def workers_problem(value: int, where: str) -> str | None:
+    """Why ``run`` cannot start ``value`` serving processes here (Windows), or None. Only ``run`` refuses:
+    ``token``, ``check`` and ``config validate`` read the same file on any platform."""
+    if value <= 1 or workers_supported():
+        return None
+    return (
+        f"{where}: {value} serving processes need Unix sockets and inherited listening sockets, which this "
+        f"platform ({sys.platform}) lacks; use 1 (one process serves every connection)"
+    )
 
 
 def workers_supported() -> bool:
@@ -222,7 +232,8 @@ def load_config(
     if overrides.config:
         raw = _read_yaml(overrides.config)
         raw = _interpolate(raw, env, "")
-        base_dir = Path(overrides.config).expanduser().resolve().parent
+        # os.path, as in ``_resolve`` (ntpath on Windows)
+        base_dir = Path(os.path.dirname(os.path.realpath(os.path.expanduser(overrides.config))))
     return _build(raw, overrides, env, base_dir, overrides.config)
 
 
@@ -236,6 +247,9 @@ def _read_yaml(path: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
+        backslash = _backslash_escape_problem(exc, text)
+        if backslash:
+            raise ConfigError(f"config {path}: {backslash}") from None
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
         problem = getattr(exc, "problem", None) or "invalid YAML"
@@ -245,6 +259,28 @@ def _read_yaml(path: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"config {path}: expected a mapping of settings at the top level")
     return data
+
+
+def _backslash_escape_problem(exc: yaml.YAMLError, text: str) -> str | None:
+    """The Windows path in double quotes (``"C:\\Users\\me\\key.json"``: ``\\U`` is a YAML escape), said so
+    with the fix, or None for any other YAML error. The value itself is not shown (it may be a secret)."""
+    context = getattr(exc, "context", None) or ""
+    problem = getattr(exc, "problem", None) or ""
+    mark = getattr(exc, "problem_mark", None)
+    if "double-quoted" not in context or "escape" not in problem or mark is None:
+        return None
+    named = ""
+    start = getattr(exc, "context_mark", None)  # the opening quote: ``key: "`` before it names the setting
+    lines = text.splitlines()
+    if start is not None and start.line < len(lines):
+        before = lines[start.line][: start.column].rstrip()
+        key = before[:-1].strip(" -") if before.endswith(":") else ""
+        named = f" ({key})" if re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", key) else ""
+    return (
+        f"line {mark.line + 1}, column {mark.column + 1}{named}: a backslash inside a double-quoted YAML value "
+        "starts an escape sequence (\\U, \\k and \\x fail, \\t and \\n turn into tab and newline); for a Windows "
+        "path use single quotes 'C:\\Users\\…' or forward slashes C:/Users/…"
+    )
 
 
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -373,9 +409,15 @@ def _read_secret_file(path: str, where: str) -> str:
     return value
 
 
-def _resolve(path: str, base_dir: Path) -> str:
-    expanded = Path(path).expanduser()
-    return str(expanded if expanded.is_absolute() else (base_dir / expanded))
+def _resolve(path: str, base_dir: Path | str) -> str:
+    """A path from the config file made absolute against the file's folder, with ``os.path`` only: that is
+    ``ntpath`` on Windows, where ``C:\\keys\\key.json``, ``C:/keys/key.json`` and ``\\\\server\\share\\key.json``
+    are absolute and ``keys\\key.json`` is relative (``pathlib`` would do the same, but ``os.path`` can be swapped
+    for ``ntpath`` in a test on Linux)."""
+    expanded = os.path.expanduser(path)
+    if os.path.isabs(expanded):
+        return expanded
+    return os.path.normpath(os.path.join(os.fspath(base_dir), expanded))  # ``./certs/ca.pem``: no ``/./``
 
 
 def parse_host_port(value: str, where: str) -> tuple[str, int]:
@@ -430,6 +472,7 @@ def normalize_prefix(value: str, where: str) -> str:
 
 _TOP_KEYS = {
     "watch",
+    "ui",
     "listen",
     "admin_listen",
     "routes",
@@ -545,6 +588,7 @@ def _build(raw: dict[str, Any], ov: Overrides, env: Mapping[str, str], base_dir:
         limits=limits,
         source=source,
         watch=ov.watch if ov.watch is not None else top.get_bool("watch") is not False,
+        ui=ov.ui if ov.ui is not None else top.get_bool("ui") is not False,
         files=tuple(dict.fromkeys(f for f in (source, ca_bundle, *top.files) if f)),
     )
 
@@ -644,14 +688,11 @@ def _build_credentials(
     key: ServiceKey | None = None
     try:
         if ov and ov.service_key:
-            section.files.append(ov.service_key)
-            key = load_service_key_file(ov.service_key)
+            key = _service_key(ov.service_key, None, section.files)
         elif ov and ov.service_key_json:
             key = parse_service_key_text(ov.service_key_json, f"service key from {ENV_PREFIX}SERVICE_KEY_JSON")
         elif section.get_str("service_key"):
-            key_path = _resolve(section.get_str("service_key") or "", base_dir)
-            section.files.append(key_path)
-            key = load_service_key_file(key_path)
+            key = _service_key(section.get_str("service_key") or "", base_dir, section.files)
         elif section.get_str("service_key_json"):
             key = parse_service_key_text(section.get_str("service_key_json") or "", section.where("service_key_json"))
     except ServiceKeyError as exc:
@@ -702,6 +743,20 @@ def _build_credentials(
         files=tuple(dict.fromkeys(section.files)),
     )
     return creds, key.upstream_url if key else None
+
+
+def _service_key(value: str, base_dir: Path | None, files: list[str]) -> ServiceKey:
+    """A service key file (watched for changes), or ``keyring:NAME`` from the OS keychain (no file to watch)."""
+    if value.startswith("keyring:"):
+        from proxy.keychain import KeychainError, keychain_name, load_service_key
+
+        try:
+            return load_service_key(keychain_name(value) or "")
+        except KeychainError as exc:
+            raise ConfigError(str(exc)) from None
+    path = _resolve(value, base_dir) if base_dir is not None else value
+    files.append(path)
+    return load_service_key_file(path)
 
 
 def _certificate_spec(
