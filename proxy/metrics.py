@@ -146,36 +146,43 @@ class _RequestCollector:
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
-        self._in_flight: dict[str, int] = {}
-        self._totals: dict[tuple[str, str, str], int] = {}
-        # (route, method) -> per-bucket counts (not cumulative; the last one is +Inf), then sum
-        self._durations: dict[tuple[str, str], list[float]] = {}
-        self._bytes_in: dict[str, int] = {}
-        self._bytes_out: dict[str, int] = {}
-        self._labels: dict[tuple[str, str, int], tuple[str, str, str]] = {}
+        self._in_flight: dict[str, int] = {}  # by route name (from the config: bounded)
+        # one cell per (route, method, status class) label set: [count, bytes in, bytes out, duration sum,
+        # then per-bucket counts (not cumulative; the last one is +Inf)]; looked up by the raw values first
+        self._cells: dict[tuple[str, str, str], list[float]] = {}
+        self._by_raw: dict[tuple[str, str, int], list[float]] = {}
 
     def started(self, route: str) -> None:
-        label = route_label(route)
-        self._in_flight[label] = self._in_flight.get(label, 0) + 1
+        self._in_flight[route] = self._in_flight.get(route, 0) + 1
 
     def finished(self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
-        key = (route, method, status // 100 if 100 <= status <= 599 else 0)
-        labels = self._labels.get(key)
-        if labels is None:
-            labels = (route_label(route), method_label(method), status_class(status))
-            if len(self._labels) < 4096:  # bounded: routes x known methods x status classes
-                self._labels[key] = labels
-        r, m, c = labels
-        self._in_flight[r] = self._in_flight.get(r, 0) - 1
-        self._totals[(r, m, c)] = self._totals.get((r, m, c), 0) + 1
-        durations = self._durations.get((r, m))
-        if durations is None:
-            durations = self._durations[(r, m)] = [0.0] * (len(self._buckets) + 2)
-        seconds = max(0.0, seconds)
-        durations[bisect.bisect_left(self._buckets, seconds)] += 1
-        durations[-1] += seconds
-        self._bytes_in[r] = self._bytes_in.get(r, 0) + max(0, bytes_in)
-        self._bytes_out[r] = self._bytes_out.get(r, 0) + max(0, bytes_out)
+        self._in_flight[route] = self._in_flight.get(route, 0) - 1
+        key = (route, method, status)
+        cell = self._by_raw.get(key)
+        if cell is None:
+            cell = self._cell(key)
+        cell[0] += 1
+        if bytes_in > 0:
+            cell[1] += bytes_in
+        if bytes_out > 0:
+            cell[2] += bytes_out
+        if seconds > 0.0:
+            cell[3] += seconds
+            cell[4 + bisect.bisect_left(self._buckets, seconds)] += 1
+        else:
+            cell[4] += 1
+
+    def _cell(self, key: tuple[str, str, int]) -> list[float]:
+        """The cell for a label set not seen in this raw spelling yet (bounded: any method or status a client
+        sends falls into a handful of labels)."""
+        route, method, status = key
+        labels = (route_label(route), method_label(method), status_class(status))
+        cell = self._cells.get(labels)
+        if cell is None:
+            cell = self._cells[labels] = [0, 0, 0, 0.0] + [0] * (len(self._buckets) + 1)
+        if len(self._by_raw) < 4096:
+            self._by_raw[key] = cell
+        return cell
 
     def describe(self) -> Iterable[Metric]:
         return list(self._families(empty=True))
@@ -204,20 +211,33 @@ class _RequestCollector:
             f"{PREFIX}_response_bytes", "Response body bytes sent to clients.", labels=["route"]
         )
         if not empty:
-            for route, flying in sorted(self._in_flight.items()):
-                in_flight.add_metric([route], flying)
-            for labels, total in sorted(self._totals.items()):
-                totals.add_metric(list(labels), total)
-            for (route, method), counts in sorted(self._durations.items()):
+            flying: dict[str, int] = {}
+            for route, count in self._in_flight.items():
+                label = route_label(route)
+                flying[label] = flying.get(label, 0) + count
+            for route, count in sorted(flying.items()):
+                in_flight.add_metric([route], count)
+            per_method: dict[tuple[str, str], list[float]] = {}
+            per_route_in: dict[str, float] = {}
+            per_route_out: dict[str, float] = {}
+            for (route, method, status_cls), cell in sorted(self._cells.items()):
+                totals.add_metric([route, method, status_cls], cell[0])
+                per_route_in[route] = per_route_in.get(route, 0) + cell[1]
+                per_route_out[route] = per_route_out.get(route, 0) + cell[2]
+                summed = per_method.setdefault((route, method), [0.0] * (len(self._buckets) + 2))
+                for index, in_bucket in enumerate(cell[4:]):
+                    summed[index] += in_bucket
+                summed[-1] += cell[3]
+            for (route, method), counts in sorted(per_method.items()):
                 cumulative = 0.0
                 buckets: list[tuple[str, float]] = []
                 for bound, in_bucket in zip((*self._buckets, math.inf), counts[:-1], strict=True):
                     cumulative += in_bucket
                     buckets.append(("+Inf" if math.isinf(bound) else repr(bound), cumulative))
                 durations.add_metric([route, method], buckets, counts[-1])
-            for route, value in sorted(self._bytes_in.items()):
+            for route, value in sorted(per_route_in.items()):
                 bytes_in.add_metric([route], value)
-            for route, value in sorted(self._bytes_out.items()):
+            for route, value in sorted(per_route_out.items()):
                 bytes_out.add_metric([route], value)
         return [in_flight, totals, durations, bytes_in, bytes_out]
 

@@ -47,6 +47,15 @@ class Origin:
     port: int
     host_header: bytes
 
+    def __hash__(self) -> int:
+        # the pool looks its idle connections up by origin on every request: the generated __hash__ would
+        # build and hash a tuple each time
+        cached: int | None = self.__dict__.get("_hash")
+        if cached is None:
+            cached = hash((self.scheme, self.host, self.port, self.host_header))
+            object.__setattr__(self, "_hash", cached)
+        return cached
+
     @property
     def tls(self) -> bool:
         return self.scheme == "https"
@@ -225,10 +234,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue & co: not the answer
             return
-        length = None
-        if self._length is not None:
-            with contextlib.suppress(ValueError):
-                length = int(self._length)
+        raw = self._length
+        length = int(raw) if raw is not None and raw.strip().isdigit() else None  # llhttp vetted it already
         head = ResponseHead(status, self._reason, self._headers, bool(parser.should_keep_alive()), length)
         self.head = head
         if self.head_request or status in _NO_BODY_STATUS:
