@@ -397,7 +397,7 @@ class Pipeline:
             return _LATER
         transform: BodyTransform | None = None
         for flt in self.chain.on_body:
-            transform = flt.body_transform(ex, answer)
+            transform = flt.body_transform(ex, answer, whole=True)
             if transform is not None:
                 break
         data = up.take_body()

@@ -72,8 +72,9 @@ class Filter:
         """Answer headers (lower-case name) whose value this filter rewrites on the way to the client."""
         return {}
 
-    def body_transform(self, ex: Exchange, head: ResponseHead) -> BodyTransform | None:
-        """A transform for this answer's body, or None to pass it through untouched."""
+    def body_transform(self, ex: Exchange, head: ResponseHead, *, whole: bool = False) -> BodyTransform | None:
+        """A transform for this answer's body, or None to pass it through untouched. ``whole``: only its
+        ``whole`` method will be called (the body is all here), so a stateless, shared one will do."""
         return None
 
     def finished(self, ex: Exchange) -> None:

@@ -15,6 +15,9 @@ from proxy.odata import MultiRewriter, RewritePlan, link_rewrite_pairs, reverse_
 
 _REWRITABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
 _PLAN_CACHE_LIMIT = 256  # bounded: proxy bases come from the (allow-listed) Host header
+# replacement pairs, their compiled plan, and a rewriter for whole bodies (``rewrite`` keeps no state between
+# calls, so one per plan serves every whole body)
+_Plan = tuple[list[tuple[bytes, bytes]], RewritePlan, MultiRewriter]
 
 
 @dataclass
@@ -56,7 +59,8 @@ class LinksFilter(Filter):
     name = "links"
 
     def __init__(self) -> None:
-        self._plans: dict[tuple[str, str], tuple[list[tuple[bytes, bytes]], RewritePlan]] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}
+        self._by_host: dict[tuple[str, bytes], _Plan] = {}
         self._types: dict[bytes, bool] = {}
 
     def request(self, ex: Exchange) -> None:
@@ -80,7 +84,7 @@ class LinksFilter(Filter):
             return data
         return reverse_rewrite(data, self._plan(route, ex.proxy_base())[0])
 
-    def body_transform(self, ex: Exchange, head: ResponseHead) -> BodyTransform | None:
+    def body_transform(self, ex: Exchange, head: ResponseHead, *, whole: bool = False) -> BodyTransform | None:
         route = ex.route
         if route is None or not route.rewrite_links:
             return None
@@ -92,14 +96,24 @@ class LinksFilter(Filter):
                 encoding = value.strip().lower()
         if content_type is None or not self._rewritable(content_type):
             return None
-        rewriter = MultiRewriter(self._plan(route, ex.proxy_base())[1])
+        plan = self._plan_for(ex, route)
         if not encoding or encoding == b"identity":
-            return rewriter
+            return plan[2] if whole else MultiRewriter(plan[1])  # a whole body: the shared, stateless use
         if encoding in (b"gzip", b"x-gzip"):
-            return LinkTransform(rewriter, zlib.decompressobj(wbits=31), zlib.compressobj(wbits=31))
+            return LinkTransform(MultiRewriter(plan[1]), zlib.decompressobj(wbits=31), zlib.compressobj(wbits=31))
         if encoding == b"deflate":  # HTTP "deflate" is the zlib format (RFC 9110 §8.4.1.2)
-            return LinkTransform(rewriter, zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
+            return LinkTransform(MultiRewriter(plan[1]), zlib.decompressobj(wbits=15), zlib.compressobj(wbits=15))
         return None  # br, zstd …: passed through untouched, links stay as they are
+
+    def _plan_for(self, ex: Exchange, route: Route) -> _Plan:
+        """The route's plan for the Host the client used (looked up by the raw Host value: no string built)."""
+        host = ex.head.header(b"host")
+        cached = self._by_host.get((route.name, host)) if host is not None else None
+        if cached is None:
+            cached = self._plan(route, ex.proxy_base())
+            if host is not None and len(self._by_host) < _PLAN_CACHE_LIMIT:
+                self._by_host[(route.name, host)] = cached
+        return cached
 
     def _rewritable(self, content_type: bytes) -> bool:
         """``should_rewrite`` for a Content-Type value, remembered (upstreams use a handful of values)."""
@@ -110,13 +124,15 @@ class LinksFilter(Filter):
                 self._types[content_type] = verdict
         return verdict
 
-    def _plan(self, route: Route, proxy_base: str) -> tuple[list[tuple[bytes, bytes]], RewritePlan]:
-        """Replacement pairs and their compiled plan for this route as the client addresses the proxy."""
+    def _plan(self, route: Route, proxy_base: str) -> _Plan:
+        """Replacement pairs, their compiled plan and a shared whole-body rewriter for this route as the client
+        addresses the proxy."""
         key = (route.name, proxy_base)
         cached = self._plans.get(key)
         if cached is None:
             pairs = link_rewrite_pairs(route.upstream, proxy_base + route.prefix)
-            cached = (pairs, RewritePlan.build(pairs))
+            plan = RewritePlan.build(pairs)
+            cached = (pairs, plan, MultiRewriter(plan))
             if len(self._plans) < _PLAN_CACHE_LIMIT:
                 self._plans[key] = cached
         return cached
