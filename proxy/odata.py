@@ -116,6 +116,9 @@ class RewritePlan:
     longest: int
     prefixes: frozenset[bytes]
     regex: re.Pattern[bytes] | None
+    #: a substring of every pattern (the upstream's host, in practice): a body without it has no match, and
+    #: ``needle in body`` is a fast memory search where the regex would try every position
+    needle: bytes = b""
 
     @classmethod
     def build(cls, pairs: Sequence[tuple[bytes, bytes]]) -> RewritePlan:
@@ -129,7 +132,21 @@ class RewritePlan:
             longest=max((len(old) for old in mapping), default=0),
             prefixes=frozenset(old[:size] for old in mapping for size in range(1, len(old))),
             regex=_alternation(mapping),
+            needle=_common_substring(list(mapping)),
         )
+
+
+def _common_substring(patterns: Sequence[bytes]) -> bytes:
+    """The longest byte string found in every pattern (built once per plan; patterns are short URLs)."""
+    if not patterns:
+        return b""
+    shortest = min(patterns, key=len)
+    for size in range(len(shortest), 0, -1):
+        for start in range(len(shortest) - size + 1):
+            candidate = shortest[start : start + size]
+            if all(candidate in other for other in patterns):
+                return candidate
+    return b""
 
 
 class MultiRewriter:
@@ -149,6 +166,7 @@ class MultiRewriter:
         self._longest = plan.longest
         self._prefixes = plan.prefixes
         self._regex = plan.regex
+        self._needle = plan.needle
         self._held = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -169,7 +187,7 @@ class MultiRewriter:
         regex = self._regex
         data = self._held + body if self._held else body
         self._held = b""
-        if regex is None or regex.search(data) is None:
+        if regex is None or self._needle not in data or regex.search(data) is None:
             return data  # the common case: nothing to replace, nothing copied
         return self._process(data, final=True)
 
