@@ -13,7 +13,9 @@ Everything runs on loopback in one go (see README.md in this folder):
   reverse proxy injecting a static token) and ``naive`` (``naive_proxy.py``).
 
 Measured: small GETs with wrk (req/s, latency, CPU per request from /proc), a large download and a streamed
-upload (MB/s, RSS growth), RSS with many idle keep-alive connections, and token rotation.
+upload (MB/s, RSS growth), RSS with many idle keep-alive connections, and token rotation; on request
+(``--only inspector``), what the inspector page costs: small GETs with ``ui: false``, with the inspector on and
+no page open, and with one event-stream client reading ``/-/api/events``.
 
 Run it through ``bench/run`` (installs nginx, wrk and the venv); ``bench/run --help`` for options.
 """
@@ -74,8 +76,9 @@ TARGET_ALIASES = {
     "w2": "proxy-w2",
     "workers": "proxy-w2",
 }
-TESTS = ("get", "download", "upload", "idle", "rotation")
-TEST_ALIASES = {"small": "get", "keepalive": "idle", "tokens": "rotation", "token": "rotation"}
+TESTS = ("get", "download", "upload", "idle", "rotation", "inspector")
+DEFAULT_TESTS = ("get", "download", "upload", "idle", "rotation")  # "inspector" runs when asked for (--only)
+TEST_ALIASES = {"small": "get", "keepalive": "idle", "tokens": "rotation", "token": "rotation", "ui": "inspector"}
 IDLE_TARGETS = ("proxy", "proxy-nolog", "proxy-w2", "nginx")  # the idle keep-alive connections test
 
 
@@ -85,6 +88,7 @@ class ProxyVariant:
 
     access_log: bool
     workers: int
+    ui: bool = True  # the inspector (issue 15): on by default
 
 
 PROXY_VARIANTS = {
@@ -104,6 +108,11 @@ GOAL_P50_VS_NGINX_MS = 0.1  # at 1 connection: added p50 (over direct) minus ngi
 GOAL_TRANSFER_VS_NGINX = 0.9  # download and upload MB/s
 GOAL_TRANSFER_RSS_MIB = 16.0  # peak RSS growth during a download or an upload
 GOAL_IDLE_RSS_MIB = 32.0  # RSS growth with the idle keep-alive connections open
+# issue 15: what the inspector may cost, as small-GET throughput relative to ``ui: false``
+GOAL_INSPECTOR_CLOSED = 0.98  # recording, no page open
+GOAL_INSPECTOR_OPEN = 0.95  # one page open (an event-stream client reading everything)
+INSPECTOR_CASES = ("off", "closed", "open")
+INSPECTOR_LABEL = {"off": "ui: false", "closed": "ui on, no page open", "open": "ui on, one page open (SSE)"}
 
 
 def log(message: str) -> None:
@@ -534,13 +543,21 @@ def reverse_proxy_conf(tmp: Path, ports: dict[str, int], certs: dict[str, Path])
 
 
 def proxy_yaml(
-    tmp: Path, name: str, upstream_port: int, token_port: int, certs: dict[str, Path], access_log: bool = True
+    tmp: Path,
+    name: str,
+    upstream_port: int,
+    token_port: int,
+    certs: dict[str, Path],
+    access_log: bool = True,
+    ui: bool = True,
 ) -> Path:
-    """The proxy's config: the defaults a user gets (access log on, to stderr) unless ``access_log`` is False."""
+    """The proxy's config: the defaults a user gets (access log on, to stderr; the inspector on) unless
+    ``access_log`` or ``ui`` is False."""
     path = tmp / f"{name}.yaml"
     path.write_text(
         f"""# odata-auth-proxy config written by bench.py
 {"# access_log: the default (on)" if access_log else "access_log: false"}
+{"# ui: the default (on)" if ui else "ui: false"}
 shutdown_timeout: 1
 tls:
   ca_bundle: {certs["ca"]}
@@ -671,6 +688,51 @@ class Target:
         return int(self.base_url.rsplit(":", 1)[1])
 
 
+class EventStreamClient:
+    """One open inspector page's worth of load: reads ``/-/api/events`` as fast as it comes, in a thread."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock.sendall(
+            f"GET /-/api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n".encode()
+        )
+        self.bytes = 0
+        self.requests = 0  # "request" events seen
+        self._tail = b""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 5
+        while self.bytes == 0:  # the stream's first events (routes, stats) come at once
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("inspector: /-/api/events did not answer")
+            time.sleep(0.01)
+
+    def _read(self) -> None:
+        marker = b"event: request\n"
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            self.bytes += len(data)
+            chunk = self._tail + data
+            self.requests += chunk.count(marker)
+            self._tail = chunk[-(len(marker) - 1) :]  # too short to hold a whole marker: never counted twice
+
+    def stop(self) -> int:
+        """Close the stream; the number of request events it delivered."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+        return self.requests
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -682,6 +744,7 @@ class Bench:
         self.uploads: dict[str, Transfer] = {}
         self.idle: dict[str, IdleResult] = {}
         self.rotation: dict[str, Any] | None = None
+        self.inspector: dict[str, list[tuple[WrkResult, float | None]]] = {}  # case -> (wrk, events/s) per round
         self.token_requests_main: int | None = None
         self.event_loop: str = "unknown"
         self.profile_notes: list[str] = []
@@ -694,6 +757,7 @@ class Bench:
         a = self.args
         tmp = self.tmp
         names = ["upstream", "strict", "token", "sink", *PROXIES, "nginx", "naive", "rotation"]
+        names.append("inspector")
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         log(f"work dir {tmp}; ports {self.ports}")
         self.certs = make_certs(tmp)
@@ -819,7 +883,9 @@ class Bench:
     ) -> subprocess.Popen[bytes]:
         """Start odata-auth-proxy; its stderr (banner, access log) goes to ``<tmp>/<name>.log``."""
         certs, token_port = self.certs, self.ports["token"]
-        config = proxy_yaml(self.tmp, name, upstream_port, token_port, certs, access_log=variant.access_log)
+        config = proxy_yaml(
+            self.tmp, name, upstream_port, token_port, certs, access_log=variant.access_log, ui=variant.ui
+        )
         log_path = self.tmp / f"{name}.log"
         cmd = [str(VENV_BIN / "odata-auth-proxy"), "run", "--config", str(config), "--listen", f"127.0.0.1:{port}"]
         if variant.workers > 1:
@@ -1053,6 +1119,62 @@ class Bench:
             f"(expected {minimum}..{maximum}), tokens rejected by the upstream {rejected}"
         )
 
+    # ------------------------------------------------------------------ the inspector's cost (issue 15)
+
+    def run_inspector(self) -> None:
+        """Small GETs at ``--inspector-connections`` on one proxy process in three cases: ``ui: false``, the
+        default with no page open, and the default with one event-stream client reading ``/-/api/events`` (what
+        an open inspector page costs). ``ui`` is switched by rewriting the config file (the proxy reloads it by
+        itself), so every case runs in the same process, on the same heap and CPU placement: two processes
+        differed by more than the inspector costs. Rounds alternate the order; the report takes each case's
+        median."""
+        a = self.args
+        conns = a.inspector_connections
+        name = "inspector"
+        port = self.ports[name]
+        proc = self.start_proxy(name, port, self.ports["upstream"], ProxyVariant(True, 1, ui=True))
+        target = Target(name, f"http://127.0.0.1:{port}", rss_pids=[proc.pid], proc=proc)
+        ui_on = True
+        try:
+            for round_no in range(a.inspector_rounds):
+                order = INSPECTOR_CASES if round_no % 2 == 0 else tuple(reversed(INSPECTOR_CASES))
+                for case in order:
+                    if (case != "off") != ui_on:
+                        ui_on = case != "off"
+                        self.switch_ui(name, proc, ui_on)
+                    page = EventStreamClient(port) if case == "open" else None
+                    opened = time.monotonic()
+                    try:
+                        if a.warmup > 0:
+                            self.wrk(target, conns, a.warmup)
+                        res = self.wrk_with_cpu(target, conns, a.duration)
+                    finally:
+                        received = page.stop() if page is not None else None
+                    if page is not None and not received:
+                        raise RuntimeError("inspector: the event stream delivered no request event during the run")
+                    rate = received / (time.monotonic() - opened) if received is not None else None
+                    self.inspector.setdefault(case, []).append((res, rate))
+                    events = f"  SSE {rate:6.0f} request events/s" if rate is not None else ""
+                    log(
+                        f"inspector {INSPECTOR_LABEL[case]:>27} c={conns:<3} {res.rps:9.0f} req/s  "
+                        f"CPU {res.cpu_us or 0:6.1f} µs/req  failures {res.failures}{events}"
+                    )
+        finally:
+            self.procs.stop(proc)
+
+    def switch_ui(self, name: str, proc: subprocess.Popen[bytes], ui: bool) -> None:
+        """Rewrite the proxy's config with ``ui`` on or off and wait until the proxy has reloaded it (its file
+        watch notices within about 2 s), plus the 1-s grace in which the replaced runtime finishes."""
+        log_path = self.tmp / f"{name}.log"
+        before = log_path.read_text(errors="replace").count("reloaded configuration")
+        proxy_yaml(self.tmp, name, self.ports["upstream"], self.ports["token"], self.certs, ui=ui)
+        deadline = time.monotonic() + 15
+        while log_path.read_text(errors="replace").count("reloaded configuration") <= before:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"inspector: the proxy did not reload with ui: {ui}; log:\n{tail(log_path)}")
+            time.sleep(0.1)
+        time.sleep(1.5)
+
     # ------------------------------------------------------------------ profile
 
     def run_profile(self) -> None:
@@ -1258,6 +1380,7 @@ def report(bench: Bench) -> str:
     out += idle_section(bench)
     out += tokens_section(bench)
     out += rotation_section(bench)
+    out += inspector_section(bench)
     out += goals(bench)
     if bench.profile_notes:
         out += ["## Profile (py-spy, separate pass, not part of the numbers above)", ""]
@@ -1490,6 +1613,7 @@ def goals(bench: Bench) -> list[str]:
     rows += [idle_row(bench), failures_row(bench), tokens_row(bench)]
     if bench.rotation:
         rows.append(rotation_row(bench.rotation))
+    rows += inspector_rows(bench)
     lines = [
         "## Targets",
         "",
@@ -1615,6 +1739,93 @@ def rotation_row(rot: dict[str, Any]) -> Row:
 # --------------------------------------------------------------------------- main
 
 
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def inspector_medians(bench: Bench) -> dict[str, tuple[float, float | None, float | None]]:
+    """case -> (median req/s, median CPU µs/req, median request events/s)."""
+    out: dict[str, tuple[float, float | None, float | None]] = {}
+    for case, runs in bench.inspector.items():
+        cpus = [r.cpu_us for r, _ in runs if r.cpu_us is not None]
+        rates = [rate for _, rate in runs if rate is not None]
+        out[case] = (
+            _median([r.rps for r, _ in runs]),
+            _median(cpus) if cpus else None,
+            _median(rates) if rates else None,
+        )
+    return out
+
+
+def inspector_ratios(bench: Bench, case: str) -> tuple[float | None, float | None]:
+    """The median over the rounds of (req/s, CPU µs/req) of ``case`` relative to ``ui: false`` in the same round:
+    the cases of one round ran seconds apart, so a neighbour's load shifts them alike."""
+    off, mine = bench.inspector.get("off", []), bench.inspector.get(case, [])
+    pairs = list(zip(off, mine, strict=False))
+    rps = [m.rps / o.rps for (o, _), (m, _) in pairs if o.rps]
+    cpu = [m.cpu_us / o.cpu_us for (o, _), (m, _) in pairs if o.cpu_us and m.cpu_us]
+    return (_median(rps) if rps else None, _median(cpu) if cpu else None)
+
+
+def inspector_section(bench: Bench) -> list[str]:
+    medians = inspector_medians(bench)
+    if "off" not in medians:
+        return []
+    a = bench.args
+    out = [
+        f"## Inspector cost (issue 15): small GET at {a.inspector_connections} connections, "
+        f"{a.inspector_rounds} rounds",
+        "",
+        "| case | req/s (median) | × ui: false (median of the rounds' ratios) | CPU µs/req (median) | "
+        "× ui: false | request events/s to the page | failed |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for case in INSPECTOR_CASES:
+        if case not in medians:
+            continue
+        rps, cpu, rate = medians[case]
+        rps_ratio, cpu_ratio = inspector_ratios(bench, case)
+        failed = sum(r.failures for r, _ in bench.inspector[case])
+        cpu_text = "–" if cpu is None else f"{cpu:.1f}"
+        rate_text = "–" if rate is None else f"{rate:,.0f}"
+        rps_ratio_text = "–" if rps_ratio is None else f"{rps_ratio:.3f}×"
+        cpu_ratio_text = "–" if cpu_ratio is None else f"{cpu_ratio:.3f}×"
+        out.append(
+            f"| {INSPECTOR_LABEL[case]} | {rps:,.0f} | {rps_ratio_text} | {cpu_text} | {cpu_ratio_text} | "
+            f"{rate_text} | {failed} |"
+        )
+    out += [
+        "",
+        "One proxy process, access log on (the default); `ui` is switched by rewriting its config file (it "
+        "reloads by itself), so all cases share the process. The page is stood in for by one client reading "
+        "`/-/api/events` as fast as it comes (at most 100 request events per 0.25-s tick are sent; the rest are "
+        "counted in a `dropped` event). On a shared machine runs of a few seconds vary by far more than 2 %: "
+        "only many rounds (`--inspector-rounds`) on a quiet machine resolve the targets; the instruction count "
+        "of `bench/micro.py` under `valgrind --tool=cachegrind` is the steady measure (bench/README.md).",
+        "",
+    ]
+    return out
+
+
+def inspector_rows(bench: Bench) -> list[Row]:
+    rows: list[Row] = []
+    if not bench.inspector:
+        return rows
+    for case, goal, what in (
+        ("closed", GOAL_INSPECTOR_CLOSED, "page closed"),
+        ("open", GOAL_INSPECTOR_OPEN, "one page open"),
+    ):
+        title = f"inspector, {what}: small GET ≥ {goal}× `ui: false`"
+        ratio, _ = inspector_ratios(bench, case)
+        if ratio is None:
+            rows.append((title, "n/a", "not measured"))
+            continue
+        rows.append((title, verdict(ratio >= goal), f"median of the rounds' ratios {ratio:.3f}×"))
+    return rows
+
+
 def parse_size(text: str) -> int:
     m = re.fullmatch(r"(\d+)\s*([KMG]i?B?|)", text.strip(), re.I)
     if not m:
@@ -1652,6 +1863,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--token-lifetime", type=float, default=5.0, help="token lifetime in the rotation pass (s)")
     p.add_argument("--rotation-duration", type=int, help="seconds of the rotation pass (default 15, quick 6)")
+    p.add_argument("--inspector-connections", type=int, default=16, help="small-GET concurrency of the inspector pass")
+    p.add_argument(
+        "--inspector-rounds", type=int, default=3, help="rounds of the inspector pass (each case once per round)"
+    )
     p.add_argument("--profile", action="store_true", help="also profile the proxy with py-spy (separate pass)")
     p.add_argument("--profile-duration", type=int, default=5, help="seconds of the profiled GET pass")
     p.add_argument("--out", type=Path, help="Markdown output (default bench/RESULTS.md, or bench/out/ when partial)")
@@ -1675,8 +1890,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             tests.append(name)
         else:
             p.error(f"--only: unknown name {raw!r} (targets: {', '.join(TARGETS)}; tests: {', '.join(TESTS)})")
-    a.targets = targets or list(TARGETS)
-    a.tests = tests or list(TESTS)
+    # the inspector pass starts proxies of its own: alone it needs no other target
+    a.targets = targets or ([] if tests == ["inspector"] else list(TARGETS))
+    a.tests = tests or list(DEFAULT_TESTS)
     if "rotation" in a.tests and "proxy" not in a.targets:
         a.tests.remove("rotation")
     if a.out is None:
@@ -1714,6 +1930,8 @@ def main(argv: list[str] | None = None) -> int:
             bench.token_requests_main = http_json(bench.token_url("/stats"))["token_requests"]
         if "rotation" in args.tests:
             bench.run_rotation()
+        if "inspector" in args.tests:
+            bench.run_inspector()
         if args.profile:
             bench.run_profile()
         text = report(bench)

@@ -9,6 +9,7 @@ requests: the figure to watch when changing the request path (``bench/run`` give
     bench/.venv/bin/python bench/micro.py                 # the default chain
     bench/.venv/bin/python bench/micro.py --without links # drop filters by name (guard, observe, links, ...)
     bench/.venv/bin/python bench/micro.py --floor         # listener and task only: the floor
+    bench/.venv/bin/python bench/micro.py --no-ui         # without the inspector (ui: false), to compare
     bench/.venv/bin/python bench/micro.py --profile       # cProfile, top functions
 
 The machine is shared and noisy: each run repeats ``--rounds`` times and reports the best.
@@ -101,7 +102,7 @@ class FakeTransport:
 async def measure(args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "micro.yaml"
-        path.write_text(CONFIG)
+        path.write_text(CONFIG + ("ui: false\n" if args.no_ui else ""))
         config = load_config(Overrides(config=str(path)), env={})
     server = ProxyServer(prepare(config))
     await server.start()
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--without", action="append", default=[], metavar="FILTER")
     parser.add_argument("--floor", action="store_true")
+    parser.add_argument("--no-ui", action="store_true", help="ui: false (no inspector recording)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     logging.disable(logging.WARNING)  # the fake token URL's background refresh fails: not part of this

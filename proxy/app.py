@@ -6,8 +6,8 @@ that a broken key stops start-up with exit code 2; ``Runtime`` owns the pool, th
 pipeline, and is swapped whole on reload (requests in flight finish on the runtime they started with).
 ``ProxyState`` holds the current runtime; the server owns it. There is no module-level state.
 
-Reloads are safe (``ProxyState.replace``, the one path every reload takes: SIGHUP to a single process, to the
-supervisor's token broker and to a worker; a file watch or an admin call would take it too). The successor
+Reloads are safe (``ProxyState.replace``, the one path every reload takes: SIGHUP, the file watch and
+``POST /-/reload``, in a single process, in the supervisor's token broker and in a worker). The successor
 runtime is built with the running one as its ``predecessor``:
 
 * a credential whose token is fetched exactly as before (``token_key``: same route name, same ``Credentials``,
@@ -28,8 +28,8 @@ import asyncio
 import hashlib
 import logging
 import ssl
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
@@ -39,16 +39,29 @@ from cryptography.hazmat.primitives import hashes
 from proxy.certificates import CertificateError, ClientIdentity, key_file_permission_warning, load_client_identity
 from proxy.config import Config, ConfigError, Route
 from proxy.credentials import Credentials
-from proxy.filters.admin import ADMIN_PATHS, AdminFilter, admin_reply, not_found
-from proxy.filters.base import Chain
+from proxy.filters.admin import (
+    ADMIN_PATHS,
+    RELOAD_PATH,
+    AdminFilter,
+    admin_reply,
+    not_found,
+    reload_refusal,
+    reload_reply,
+)
+from proxy.filters.base import Chain, Filter
 from proxy.filters.credentials import CredentialsFilter
 from proxy.filters.csrf import CsrfFilter
 from proxy.filters.guard import GuardFilter
+from proxy.filters.inspect import InspectFilter
 from proxy.filters.links import LinksFilter
 from proxy.filters.observe import InFlightFilter, ObserveFilter
 from proxy.filters.route import LocationFilter, RouteFilter
-from proxy.guard import Guard, GuardSettings
+from proxy.guard import Guard, GuardedRequest, GuardSettings
+from proxy.http.heads import Reply, RequestHead
 from proxy.http.upstream import UpstreamPool
+from proxy.inspector.adminapp import add_inspector_routes
+from proxy.inspector.api import InspectorApi
+from proxy.inspector.recorder import Recorder
 from proxy.logs import AccessLog
 from proxy.metrics import ProxyMetrics
 from proxy.outbound import OutboundProxies
@@ -124,6 +137,25 @@ TokenKey = tuple[object, ...]
 
 class ReloadRefused(Exception):
     """A reload must not take effect (new credentials got no token): the message says why, without secrets."""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What one reload came to, for whoever asked: ``POST /-/reload`` answers with it (SIGHUP and the file
+    watch only log). ``status`` is the HTTP status of that answer: 200 reloaded; 409 refused (invalid file,
+    new credentials without a token, draining: the running configuration keeps serving); 500 internal error;
+    501 this process cannot reload. ``detail`` is the reload's log line (never a secret)."""
+
+    status: int
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+
+# How ``POST /-/reload`` starts a reload: the serving process's own, or (a worker) the supervisor's.
+Reloader = Callable[[], Awaitable[ReloadResult]]
 
 
 def token_key(route: str, cred: PreparedCredential, config: Config, proxy: str | None, trust: str | None) -> TokenKey:
@@ -237,6 +269,13 @@ class Runtime:
         # what close() closes: the managers built here; the inherited ones join at the swap (take_over)
         self._owned = [m for m in self.distinct_managers if m not in self.inherited]
         self.csrf = CsrfFilter(self.csrf_session, self.proxies.for_url)
+        current_state = state or (lambda: ProxyState(self, metrics))
+        self.inspector = self._inspector(prepared, predecessor)
+        admin: Filter = AdminFilter(current_state, serve=config.admin_listen is None)
+        if self.inspector is not None:  # the admin filter with the inspector added (records; serves /-/, /-/api/)
+            admin = InspectFilter(
+                self.inspector, current_state, serve=config.admin_listen is None, stall_limit=timeouts.client_write
+            )
         self.chain = Chain(
             [
                 ObserveFilter(
@@ -247,7 +286,7 @@ class Runtime:
                     worker=worker,
                 ),
                 GuardFilter(Guard(guard_settings(config))),
-                AdminFilter(state or (lambda: ProxyState(self, metrics)), serve=config.admin_listen is None),
+                admin,
                 RouteFilter(self.router),
                 InFlightFilter(metrics),
                 LinksFilter(),
@@ -268,6 +307,31 @@ class Runtime:
         self.closed = False
         self._watch: asyncio.Task[None] | None = None
         self._expiry: asyncio.Task[None] | None = None
+
+    def _inspector(self, prepared: Prepared, predecessor: Runtime | None) -> InspectorApi | None:
+        """The inspector's answers for this configuration (None with ``ui: false``); the recorded exchanges
+        carry over from the running runtime on reload."""
+        config = prepared.config
+        if not config.ui:
+            return None
+        before = predecessor.inspector if predecessor is not None else None
+        admin_guard = None
+        if config.admin_listen is not None:  # the admin port's own address is an allowed Host there
+            host, port = config.admin_listen
+            admin_guard = Guard(replace(guard_settings(config), listen_host=host, listen_port=port))
+
+        def identity(creds: Credentials) -> ClientIdentity | None:
+            cred = prepared.credentials.get(creds)
+            return cred.identity if cred is not None else None
+
+        return InspectorApi(
+            before.recorder if before is not None else Recorder(),
+            config,
+            self.managers,
+            identity,
+            proxy_for=self.proxies.for_url,
+            admin_guard=admin_guard,
+        )
 
     def _new_manager(
         self, route: Route, cred: PreparedCredential, metrics: ProxyMetrics, token_sources: TokenSourceFactory | None
@@ -393,6 +457,8 @@ class ProxyState:
     metrics: ProxyMetrics
     draining: bool = False
     retired: list[asyncio.Task[None]] = field(default_factory=list)
+    #: what ``POST /-/reload`` runs (None: this process has nothing to reload from)
+    reloader: Reloader | None = None
 
     async def replace(self, runtime: Runtime, grace: float) -> None:
         """The reload rule, for every way a reload starts: ``runtime`` (built with the current runtime as its
@@ -441,14 +507,38 @@ def guard_settings(config: Config) -> GuardSettings:
 STATE_KEY = web.AppKey("state", ProxyState)
 
 
-async def _admin_handler(request: web.Request) -> web.Response:
-    reply = admin_reply(request.path, request.app[STATE_KEY])
-    if reply is None:
-        reply = not_found()
+def _web_response(reply: Reply) -> web.Response:
     response = web.Response(status=reply.status, body=reply.body)
     for name, value in reply.headers:
         response.headers[name] = value
     return response
+
+
+async def _admin_handler(request: web.Request) -> web.Response:
+    reply = admin_reply(request.path, request.app[STATE_KEY])
+    if reply is None:
+        reply = not_found()
+    return _web_response(reply)
+
+
+async def _admin_reload(request: web.Request) -> web.Response:
+    """``POST /-/reload`` on the admin port: the main port's guard (Host allow-list for the admin address,
+    no cross-site request, the inbound API key when configured) and loopback rule, then the reload."""
+    state = request.app[STATE_KEY]
+    config = state.runtime.config
+    settings = guard_settings(config)
+    if config.admin_listen is not None:
+        settings = replace(settings, listen_host=config.admin_listen[0], listen_port=config.admin_listen[1])
+    head = RequestHead()
+    head.method = request.method
+    head.target = request.raw_path
+    head.version = f"{request.version.major}.{request.version.minor}"
+    head.headers = [(name.lower(), name, value) for name, value in request.raw_headers]
+    peer = request.remote or "-"
+    refusal, _ = Guard(settings).check(GuardedRequest(head, peer))
+    if refusal is None:
+        refusal = reload_refusal(peer, state)
+    return _web_response(refusal if refusal is not None else await reload_reply(state))
 
 
 def build_admin_app(state: ProxyState) -> web.Application:
@@ -458,4 +548,6 @@ def build_admin_app(state: ProxyState) -> web.Application:
     admin[STATE_KEY] = state
     for path in ADMIN_PATHS:
         admin.router.add_get(path, _admin_handler)
+    admin.router.add_post(RELOAD_PATH, _admin_reload)
+    add_inspector_routes(admin, lambda request: request.app[STATE_KEY])
     return admin

@@ -62,6 +62,16 @@ def log_banner(
         event="admin",
         admin=admin,
     )
+    if config.ui:
+        # a browser sends no API key by itself: say so next to the URL, or the page only shows a 401
+        needs_key = f" (send the {config.inbound_api_key_header} header with it)" if config.inbound_api_key else ""
+        log_event(
+            log,
+            logging.INFO,
+            f"inspector: {admin}/-/{needs_key}",
+            event="inspector",
+            inspector=f"{admin}/-/",
+        )
     example = _example_path(config.routes[0].prefix, config.routes[0].upstream)
     # with an inbound API key the bare curl line would only earn a 401: name the header (never the key)
     key_header = f"-H '{config.inbound_api_key_header}: <inbound API key>' " if config.inbound_api_key else ""

@@ -188,7 +188,9 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
         "--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080; env ODATA_AUTH_PROXY_LISTEN)"
     )
     parser.add_argument(
-        "--admin-listen", metavar="HOST:PORT", help="serve /-/healthz, /-/readyz, /-/metrics on a separate port"
+        "--admin-listen",
+        metavar="HOST:PORT",
+        help="serve the admin endpoints (/-/healthz, /-/readyz, /-/metrics, POST /-/reload) on a separate port",
     )
     parser.add_argument(
         "--allow-remote",

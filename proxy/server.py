@@ -1,4 +1,5 @@
-"""The proxy's lifecycle in one place: bind, serve, reload on SIGHUP, drain on SIGTERM/SIGINT.
+"""The proxy's lifecycle in one place: bind, serve, reload (SIGHUP, file watch, ``POST /-/reload``), drain on
+SIGTERM/SIGINT (Ctrl+C, and Ctrl+Break on Windows).
 
 A reload (``ProxyServer.reload``, whatever starts it) keeps the running token for every credential that did
 not change and fetches one, once, for every credential that did, *before* the new configuration takes
@@ -24,7 +25,16 @@ from dataclasses import replace
 
 from aiohttp import web
 
-from proxy.app import Prepared, ProxyState, ReloadRefused, Runtime, TokenSourceFactory, build_admin_app
+from proxy.app import (
+    Prepared,
+    ProxyState,
+    Reloader,
+    ReloadRefused,
+    ReloadResult,
+    Runtime,
+    TokenSourceFactory,
+    build_admin_app,
+)
 from proxy.config import Config, ConfigError
 from proxy.guard import listen_address_problem
 from proxy.http.listener import Listener, ListenerSettings
@@ -107,9 +117,11 @@ class ProxyServer:
         admin_socks: Sequence[socket.socket] = (),
         token_sources: TokenSourceFactory | None = None,
         worker: int | None = None,
+        reload_via: Reloader | None = None,
     ) -> None:
         self.prepared = prepared
         self._reload = reload
+        self._reload_via = reload_via  # a worker: POST /-/reload asks the supervisor (which signals every worker)
         self._socks = list(socks)
         self._admin_socks = list(admin_socks)
         self._token_sources = token_sources
@@ -125,7 +137,7 @@ class ProxyServer:
         self._stop = asyncio.Event()
         self._stop_requested_at: float | None = None
         self._signals = 0
-        self._reloading: set[asyncio.Task[bool]] = set()
+        self._reloading: set[asyncio.Task[ReloadResult]] = set()
         self._reload_lock = asyncio.Lock()  # one reload at a time: each builds on the runtime the last one left
         # runtimes replaced by a reload: closed by ProxyState after the grace period, or by stop() when the
         # process stops first
@@ -149,7 +161,9 @@ class ProxyServer:
     async def start(self) -> None:
         config = self.prepared.config
         runtime = self._runtime(self.prepared)
-        self.state = ProxyState(runtime=runtime, metrics=self.metrics)
+        self.state = ProxyState(
+            runtime=runtime, metrics=self.metrics, reloader=self._reload_via or self._reload_requested
+        )
         runtime.start()
         timeouts, limits = config.timeouts, config.limits
         self.listener = Listener(
@@ -236,31 +250,46 @@ class ProxyServer:
         self._stop.set()
 
     def _on_reload_signal(self) -> None:
-        # keep a reference: the loop holds tasks only weakly
-        task = asyncio.get_running_loop().create_task(self.reload())
+        self._start_reload()
+
+    def _start_reload(self) -> asyncio.Task[ReloadResult]:
+        # keep a reference: the loop holds tasks only weakly; stop() cancels what is still running
+        task = asyncio.get_running_loop().create_task(self.reload_result())
         self._reloading.add(task)
         task.add_done_callback(self._reloading.discard)
+        return task
+
+    async def _reload_requested(self) -> ReloadResult:
+        """``POST /-/reload``: the reload runs to its end even if the caller hangs up."""
+        return await asyncio.shield(self._start_reload())
 
     async def reload(self) -> bool:
+        """``reload_result`` as a yes/no (SIGHUP and the file watch only log the outcome)."""
+        return (await self.reload_result()).ok
+
+    async def reload_result(self) -> ReloadResult:
         """Re-read config and keys; keep the old ones (and say why) when the new ones are invalid or new
         credentials get no token.
 
-        Every reload trigger calls this (SIGHUP today, in a single process and in a worker; a file watch or an
-        admin call would too), and reloads run one at a time. The new runtime keeps the running token managers
-        of unchanged credentials (no token request for them) and gets one token for each new or changed one
-        before the swap (``ProxyState.replace``); a failure there logs one ``reload refused: route …: …`` line
-        (the token server's error, never a secret), closes what the reload built, and returns False. Nothing of
-        the new configuration (log setup, warnings, the listener's handler) is applied before the swap."""
+        Every reload trigger calls this (SIGHUP, the file watch, ``POST /-/reload``; in a single process and in a
+        worker), and reloads run one at a time. The new runtime keeps the running token managers of unchanged
+        credentials (no token request for them) and gets one token for each new or changed one before the swap
+        (``ProxyState.replace``); a failure there logs one ``reload refused: route …: …`` line (the token
+        server's error, never a secret), closes what the reload built, and returns a 409 result carrying that
+        line (the admin call answers with it). Nothing of the new configuration (log setup, warnings, the
+        listener's handler) is applied before the swap."""
         async with self._reload_lock:
             return await self._reload_locked()
 
-    async def _reload_locked(self) -> bool:
+    async def _reload_locked(self) -> ReloadResult:
         if self._reload is None:
-            log.warning("SIGHUP: nothing to reload from")
-            return False
+            return refused_reload(
+                501,
+                "reload: this proxy has no configuration to re-read (the demo's is built in)",
+                level=logging.WARNING,
+            )
         if self._stop.is_set():
-            log.warning("SIGHUP while draining: not reloading")
-            return False
+            return refused_reload(409, "reload while draining: not reloading", level=logging.WARNING)
         assert self.state is not None
         running = self.prepared.config
         try:
@@ -277,27 +306,25 @@ class ProxyServer:
             previous = self.state.runtime
             runtime = self._runtime(prepared, predecessor=previous)
         except ConfigError as exc:
-            log.error("reload failed, still serving with the previous configuration: %s", exc)
-            return False
+            return refused_reload(409, f"reload failed, still serving with the previous configuration: {exc}")
         except Exception as exc:  # a bug must neither end the reload task silently nor stop the proxy
             # the class only, as everywhere: a message could quote a secret it choked on
-            log.error(
-                "reload failed (internal error: %s), still serving with the previous configuration",
-                exc.__class__.__name__,
+            return refused_reload(
+                500,
+                f"reload failed (internal error: {exc.__class__.__name__}), "
+                "still serving with the previous configuration",
             )
-            return False
         try:
             # tokens for new or changed credentials first; the swap only when they all came (closed otherwise)
             await self.state.replace(runtime, grace=running.shutdown_timeout)
         except ReloadRefused as exc:
-            log.error("reload refused: %s; still serving with the previous configuration", exc)
-            return False
+            return refused_reload(409, f"reload refused: {exc}; still serving with the previous configuration")
         except Exception as exc:
-            log.error(
-                "reload refused (internal error: %s), still serving with the previous configuration",
-                exc.__class__.__name__,
+            return refused_reload(
+                500,
+                f"reload refused (internal error: {exc.__class__.__name__}), "
+                "still serving with the previous configuration",
             )
-            return False
         # swapped: no await since, so no request has seen the new runtime without the listener's handler
         if self.listener is not None:
             self.listener.handler = runtime.pipeline
@@ -319,8 +346,9 @@ class ProxyServer:
             self.access_log.flush()
             setup_logging(new.log_format, new.verbose)
         self.prepared = prepared
-        log.info("reloaded configuration: %d route(s)%s", len(new.routes), token_summary(runtime))
-        return True
+        summary = f"reloaded configuration: {len(new.routes)} route(s){token_summary(runtime)}"
+        log.info("%s", summary)
+        return ReloadResult(200, summary)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -361,6 +389,12 @@ class ProxyServer:
         replaced, self._replaced = self._replaced, []
         for runtime in replaced:
             await runtime.close()
+
+
+def refused_reload(status: int, detail: str, *, level: int = logging.ERROR) -> ReloadResult:
+    """Log why a reload did not take effect and say it (``POST /-/reload`` answers with it)."""
+    log.log(level, "%s", detail)
+    return ReloadResult(status, detail)
 
 
 def token_summary(runtime: Runtime) -> str:

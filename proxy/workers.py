@@ -20,6 +20,8 @@ With ``workers`` > 1 the ``run`` process becomes the **supervisor and token brok
   supervisor's event loop runs, and a child forked from a running loop (asyncio or uvloop) would inherit
   its selector, signal wake-up fd and threads. A worker re-reads the configuration from the same flags and
   environment (listen address pinned to what the supervisor bound), so a reload is the ordinary one;
+* ``POST /-/reload`` reaches a worker, which asks the broker (``POST /reload``): the supervisor reloads as on
+  SIGHUP and the worker answers with its outcome;
 * it forwards SIGTERM/SIGINT (drain) and SIGHUP (after reloading its own credentials; to a worker that
   has not said "ready" yet only once it does, as SIGHUP's default action would kill it), and restarts a
   worker that died, with a short backoff. A second stop signal kills the workers and exits 1.
@@ -59,13 +61,20 @@ from urllib.parse import quote
 import aiohttp
 from aiohttp import web
 
-from proxy.app import Prepared, PreparedCredential, ProxyState, ReloadRefused, Runtime
+from proxy.app import Prepared, PreparedCredential, ProxyState, Reloader, ReloadRefused, ReloadResult, Runtime
 from proxy.config import Config, ConfigError, Overrides, Route
 from proxy.guard import listen_address_problem
 from proxy.logs import ACCESS_LOGGER, setup_logging
 from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
-from proxy.server import ProxyServer, StartupError, bind_error, install_lifecycle_signals, token_summary
+from proxy.server import (
+    ProxyServer,
+    StartupError,
+    bind_error,
+    install_lifecycle_signals,
+    refused_reload,
+    token_summary,
+)
 from proxy.tokens import MAX_TOKEN_RESPONSE, Token, TokenError, TokenManager, TokenResponse
 from proxy.watch import FileWatcher, watched_files
 
@@ -218,10 +227,15 @@ class Broker:
     """The supervisor's token managers (one ``Runtime``, swapped on reload) served on a Unix socket."""
 
     def __init__(
-        self, prepared: Prepared, directory: Path, on_ready: Callable[[int, int], None] = lambda index, pid: None
+        self,
+        prepared: Prepared,
+        directory: Path,
+        on_ready: Callable[[int, int], None] = lambda index, pid: None,
+        on_reload: Reloader | None = None,
     ) -> None:
         self.metrics = ProxyMetrics()
         self._on_ready = on_ready
+        self._on_reload = on_reload
         self.state = ProxyState(runtime=Runtime(prepared, self.metrics), metrics=self.metrics)
         self.path = directory / BROKER_SOCKET
         self._replaced: list[Runtime] = []
@@ -230,6 +244,7 @@ class Broker:
         app.router.add_post("/token/{route}/rejected", self._rejected)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/workers/{index:[0-9]+}/ready", self._ready)
+        app.router.add_post("/reload", self._reload)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         self._started = False
 
@@ -303,6 +318,14 @@ class Broker:
             self._on_ready(int(request.match_info["index"]), pid)
         return web.json_response({})
 
+    async def _reload(self, request: web.Request) -> web.Response:
+        """A worker got ``POST /-/reload``: the supervisor's reload (as on SIGHUP), answered with its outcome."""
+        if self._on_reload is None:
+            result = ReloadResult(501, "reload: the supervisor has nothing to reload from")
+        else:
+            result = await self._on_reload()
+        return web.json_response({"status": result.status, "detail": result.detail})
+
     async def _metrics(self, request: web.Request) -> web.Response:
         body, content_type = self.metrics.render()
         response = web.Response(body=body)
@@ -359,7 +382,7 @@ def _socket(family: int, address: Any, *, reuse_port: bool) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
+        if reuse_port and sys.platform != "win32":  # (never true there; the guard is for mypy --platform win32)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
@@ -498,7 +521,7 @@ class Supervisor:
 
         self.directory = Path(tempfile.mkdtemp(prefix="odata-auth-proxy-"))  # mode 0700, ours alone
         try:
-            self.broker = Broker(self.prepared, self.directory, self._worker_ready)
+            self.broker = Broker(self.prepared, self.directory, self._worker_ready, self._reload_requested)
             try:
                 await self.broker.start()
             except StartupError as exc:
@@ -588,8 +611,7 @@ class Supervisor:
         log.debug("worker %d (pid %d) is serving", index, pid)
         if worker.reload_pending:
             worker.reload_pending = False
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGHUP)
+            _send_reload(process)
 
     async def _keep(self, worker: _Worker) -> None:
         """Wait for the worker; restart it (with a growing delay while it keeps dying young) unless stopping."""
@@ -680,11 +702,23 @@ class Supervisor:
         await self.reload()
 
     def _on_reload_signal(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
+        self._start_reload()
+
+    def _start_reload(self) -> asyncio.Task[ReloadResult]:
+        task = asyncio.get_running_loop().create_task(self.reload_result())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _reload_requested(self) -> ReloadResult:
+        """A worker's ``POST /-/reload`` (through the broker): runs to its end even if the worker hangs up."""
+        return await asyncio.shield(self._start_reload())
 
     async def reload(self) -> bool:
+        """``reload_result`` as a yes/no (SIGHUP and the file watch only log the outcome)."""
+        return (await self.reload_result()).ok
+
+    async def reload_result(self) -> ReloadResult:
         """Reload the broker's credentials, then tell the workers to reload (guard, routes, logging).
 
         The broker applies the reload rule (``Broker.swap``): when new or changed credentials get no token the
@@ -693,10 +727,9 @@ class Supervisor:
         async with self._reload_lock:
             return await self._reload_locked()
 
-    async def _reload_locked(self) -> bool:
+    async def _reload_locked(self) -> ReloadResult:
         if self._stop.is_set():
-            log.warning("SIGHUP while draining: not reloading")
-            return False
+            return refused_reload(409, "reload while draining: not reloading", level=logging.WARNING)
         running = self.prepared.config
         try:
             prepared = self._reload()
@@ -707,26 +740,28 @@ class Supervisor:
             if problem:
                 raise ConfigError(f"still listening on {running.listen_host}: {problem}")
         except ConfigError as exc:
-            log.error("reload failed, the supervisor and its workers keep the previous configuration: %s", exc)
-            return False
-        except Exception as exc:
-            log.error(
-                "reload failed (internal error: %s), the supervisor and its workers keep the previous configuration",
-                exc.__class__.__name__,
+            return refused_reload(
+                409, f"reload failed, the supervisor and its workers keep the previous configuration: {exc}"
             )
-            return False
+        except Exception as exc:
+            return refused_reload(
+                500,
+                f"reload failed (internal error: {exc.__class__.__name__}), the supervisor and its workers keep the "
+                "previous configuration",
+            )
         assert self.broker is not None
         try:
             runtime = await self.broker.swap(prepared, grace=running.shutdown_timeout)
         except ReloadRefused as exc:
-            log.error("reload refused: %s; the supervisor and its workers keep the previous configuration", exc)
-            return False
-        except Exception as exc:
-            log.error(
-                "reload refused (internal error: %s), the supervisor and its workers keep the previous configuration",
-                exc.__class__.__name__,
+            return refused_reload(
+                409, f"reload refused: {exc}; the supervisor and its workers keep the previous configuration"
             )
-            return False
+        except Exception as exc:
+            return refused_reload(
+                500,
+                f"reload refused (internal error: {exc.__class__.__name__}), the supervisor and its workers keep the "
+                "previous configuration",
+            )
         if (new.log_format, new.verbose) != (running.log_format, running.verbose):
             setup_logging(new.log_format, new.verbose)
         if new.workers != running.workers:
@@ -740,15 +775,19 @@ class Supervisor:
             if not worker.ready:
                 worker.reload_pending = True  # still starting: SIGHUP would kill it; sent once it is ready
                 continue
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGHUP)
-        log.info(
-            "reloaded credentials: %d route(s); %d worker(s) reload theirs%s",
-            len(new.routes),
-            len(alive),
-            token_summary(runtime),
-        )
-        return True
+            _send_reload(process)
+        summary = f"reloaded credentials: {len(new.routes)} route(s); {len(alive)} worker(s) reload theirs"
+        summary += token_summary(runtime)
+        log.info("%s", summary)
+        return ReloadResult(200, summary)
+
+
+def _send_reload(process: asyncio.subprocess.Process) -> None:
+    """SIGHUP to a worker. Workers exist only where there is one (``config.workers_supported``: POSIX); the
+    platform check says so to ``mypy --platform win32``."""
+    if sys.platform != "win32":
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGHUP)
 
 
 def _describe_exit(code: int) -> str:
@@ -837,8 +876,28 @@ async def _serve_worker(
     def sources(route: Route, cred: PreparedCredential) -> BrokerTokenSource:
         return BrokerTokenSource(session, route.name, route.credentials.token_url, timeout)
 
+    async def reload_via_supervisor() -> ReloadResult:
+        """``POST /-/reload`` to this worker: the supervisor reloads (and signals every worker, this one too)."""
+        try:
+            async with session.post(f"{BROKER_URL}/reload", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                data = await resp.json()
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            return ReloadResult(
+                500, f"reload: no answer from the supervisor process ({exc.__class__.__name__}); is it still running?"
+            )
+        status, detail = (data.get("status"), data.get("detail")) if isinstance(data, dict) else (None, None)
+        if not isinstance(status, int) or not isinstance(detail, str):
+            return ReloadResult(500, "reload: the supervisor process gave an answer this worker does not understand")
+        return ReloadResult(status, detail)
+
     server = ProxyServer(
-        prepared, reload=reload, socks=socks, admin_socks=admin_socks, token_sources=sources, worker=index
+        prepared,
+        reload=reload,
+        socks=socks,
+        admin_socks=admin_socks,
+        token_sources=sources,
+        worker=index,
+        reload_via=reload_via_supervisor,
     )
     try:
         await server.start()

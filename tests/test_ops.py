@@ -1017,7 +1017,7 @@ def test_compose_env_names_check_catches_a_typo() -> None:
 
 
 def test_systemd_user_unit(tmp_path: Path) -> None:
-    path = ROOT / "examples/systemd/odata-auth-proxy.service"
+    path = ROOT / "examples/workstation/odata-auth-proxy.service"
     unit = configparser.ConfigParser(interpolation=None, strict=False)
     unit.optionxform = str  # type: ignore[assignment,method-assign]
     unit.read_string(path.read_text())
@@ -1051,7 +1051,7 @@ def test_systemd_user_unit(tmp_path: Path) -> None:
 
 
 def test_launchd_plist() -> None:
-    plist = plistlib.loads((ROOT / "examples/launchd/com.example.odata-auth-proxy.plist").read_bytes())
+    plist = plistlib.loads((ROOT / "examples/workstation/com.example.odata-auth-proxy.plist").read_bytes())
     assert plist["Label"] == "com.example.odata-auth-proxy"
     program = plist["ProgramArguments"]
     assert program[0].endswith("/.local/bin/odata-auth-proxy") and program[0].startswith("/")
@@ -1062,6 +1062,26 @@ def test_launchd_plist() -> None:
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
     assert plist["ExitTimeOut"] > 30
     assert plist["StandardErrorPath"].startswith("/")
+
+
+def test_windows_task_script() -> None:
+    """The Task Scheduler script (not run here: no PowerShell): what it registers runs a command the CLI knows."""
+    text = (ROOT / "examples/workstation/register-task.ps1").read_text()
+    (argument,) = re.findall(r'New-ScheduledTaskAction -Execute \$exe -Argument "([^"]+?)`"\$Config`""', text)
+    assert argument == "run --config "
+    build_parser().parse_args(["run", "--config", "C:\\Users\\me\\AppData\\Roaming\\odata-auth-proxy\\proxy.yaml"])
+    assert "& $exe config validate $Config" in text  # checked before anything is registered
+    for needed in (
+        "-AtLogOn",
+        "-LogonType Interactive",
+        "-RunLevel Limited",
+        "[TimeSpan]::Zero",
+        "Register-ScheduledTask",
+    ):
+        assert needed in text, needed
+    assert "~" not in text  # Task Scheduler expands no ~; paths come from $env: variables
+    readme = (ROOT / "README.md").read_text()
+    assert "examples\\workstation\\register-task.ps1" in readme
 
 
 def test_operations_doc_lists_every_metric_and_real_commands() -> None:

@@ -129,9 +129,53 @@ async def test_workers_2_is_refused_with_one_line(tmp_path: Path, backend: Backe
     assert result.returncode == 2
     assert_one_error_line(result, "--workers: 2", "Unix sockets", f"({sys.platform}) lacks", "use 1")
 
-    ok = await run_cli("config", "validate", str(config), env=windows_env())
-    assert ok.returncode == 0, ok.stderr
+    # the same from the file and from the environment: only ``run`` refuses
     write_yaml(config, {**data, "workers": 2})
-    result = await run_cli("config", "validate", str(config), env=windows_env())
+    result = await run_cli("run", "--config", str(config), env=windows_env())
     assert result.returncode == 2
-    assert_one_error_line(result, "workers", "2 serving processes", "use 1")
+    assert_one_error_line(result, "workers: 2 serving processes", "use 1")
+    result = await run_cli("run", "--config", str(config), env={**windows_env(), "ODATA_AUTH_PROXY_WORKERS": "3"})
+    assert result.returncode == 2
+    assert_one_error_line(result, "ODATA_AUTH_PROXY_WORKERS: 3 serving processes", "use 1")
+
+
+async def test_token_check_and_config_validate_work_with_workers_in_the_file(tmp_path: Path, backend: Backend) -> None:
+    """``workers: 2`` in a file shared with a Linux host, or in the environment, does not stop the other commands."""
+    data = {"tls": {"ca_bundle": str(backend.tls.ca_path)}, "workers": 2, "routes": [secret_route(backend)]}
+    config = write_yaml(tmp_path / "proxy.yaml", data)
+    env = {**windows_env(), "ODATA_AUTH_PROXY_WORKERS": "2"}
+
+    result = await run_cli("token", "--config", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == backend.tokens.issued[-1]
+
+    result = await run_cli("check", "--config", str(config), "--no-color", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[ok]   token" in result.stdout and "[ok]   upstream" in result.stdout, result.stdout
+
+    result = await run_cli("config", "validate", str(config), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{config}: OK, 1 route(s)"), result.stdout
+    assert "warning: workers: 2 serving processes need Unix sockets" in result.stdout
+    assert "'run' refuses this here" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+async def test_demo_serves_and_stops_on_sigint(tmp_path: Path) -> None:
+    port = free_port()
+    async with proxy_process(
+        tmp_path, "demo", "--listen", f"127.0.0.1:{port}", port=port, env=windows_env()
+    ) as running:
+        await running.wait_ready()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as client:
+            url = running.base + "/api/v1/IntegrationPackages?$format=json&$top=1"
+            async with client.get(url) as resp:
+                assert resp.status == 200, await resp.text()
+                assert len((await resp.json())["d"]["results"]) == 1
+        code, took = await running.stop(signal.SIGINT, deadline=10)
+    assert code == 0, running.stderr
+    assert took < 5
+    assert "(event loop: asyncio)" in running.stderr
+    assert "SIGINT received: draining" in running.stderr
+    assert running.stderr.rstrip().endswith("stopped"), running.stderr
+    assert "Traceback" not in running.stderr

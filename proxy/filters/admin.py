@@ -1,6 +1,13 @@
-"""The admin endpoints (``/-/healthz``, ``/-/readyz``, ``/-/metrics``) on the main port, as a filter.
+"""The admin endpoints (``/-/healthz``, ``/-/readyz``, ``/-/metrics``, ``POST /-/reload``) on the main port, as
+a filter.
 
-The same answers serve ``--admin-listen`` (an aiohttp app in ``proxy.server``), so both ports tell the same.
+The same answers serve ``--admin-listen`` (an aiohttp app in ``proxy.app``), so both ports tell the same.
+
+``POST /-/reload`` is the reload where there is no SIGHUP (Windows) or no shell next to the process: the same
+reload as SIGHUP, answered with its outcome. It has passed the guard like every request (Host allow-list, no
+cross-site ``Origin``/``Sec-Fetch-Site``, the inbound API key when one is configured); on top of that a caller
+from another machine is refused unless an API key is configured (it changes what the proxy does, so "anyone
+who can reach the port" is not enough even with ``--allow-remote``).
 """
 
 from __future__ import annotations
@@ -10,8 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from proxy.exchange import Exchange
-from proxy.filters.base import Filter
-from proxy.guard import ADMIN_PREFIX
+from proxy.filters.base import PENDING, Filter, Pending
+from proxy.guard import ADMIN_PREFIX, is_loopback
 from proxy.http.heads import Reply, json_reply
 from proxy.tokens import TokenError
 
@@ -19,6 +26,8 @@ if TYPE_CHECKING:
     from proxy.app import ProxyState
 
 ADMIN_PATHS = ("/-/healthz", "/-/readyz", "/-/metrics")
+RELOAD_PATH = "/-/reload"
+_RELOAD_ERRORS = {409: "reload_refused", 500: "reload_error", 501: "reload_unsupported"}
 
 
 def admin_reply(path: str, state: ProxyState) -> Reply | None:
@@ -76,7 +85,44 @@ def readiness(state: ProxyState) -> Reply:
 
 
 def not_found() -> Reply:
-    return json_reply(404, {"error": "not_found", "detail": "admin endpoints: " + ", ".join(ADMIN_PATHS)})
+    listed = ", ".join(ADMIN_PATHS)
+    return json_reply(404, {"error": "not_found", "detail": f"admin endpoints: {listed}, POST {RELOAD_PATH}"})
+
+
+def reload_method_not_allowed() -> Reply:
+    return json_reply(
+        405,
+        {"error": "method_not_allowed", "detail": f"{RELOAD_PATH} takes POST (odata-auth-proxy reload sends it)"},
+        {"Allow": "POST"},
+    )
+
+
+def reload_refusal(peer: str, state: ProxyState) -> Reply | None:
+    """None when ``peer`` may reload: this machine, or anyone who passed the configured inbound API key."""
+    if is_loopback(peer) or state.runtime.config.inbound_api_key is not None:
+        return None
+    return json_reply(
+        403,
+        {
+            "error": "reload_not_allowed",
+            "detail": f"{RELOAD_PATH} is accepted from this machine only (loopback) unless an inbound API key is "
+            "configured; run 'odata-auth-proxy reload' on the machine the proxy runs on, or configure "
+            "inbound_api_key and send it",
+        },
+    )
+
+
+async def reload_reply(state: ProxyState) -> Reply:
+    """Run the reload (the same as SIGHUP's) and answer with its outcome in words."""
+    if state.reloader is None:
+        result_status, detail = 501, "this process cannot reload (it was not started from a configuration)"
+    else:
+        result = await state.reloader()
+        result_status, detail = result.status, result.detail
+    if result_status == 200:
+        return json_reply(200, {"status": "reloaded", "detail": detail})
+    error = _RELOAD_ERRORS.get(result_status, "reload_error")
+    return json_reply(result_status, {"status": "not_reloaded", "error": error, "detail": detail})
 
 
 class AdminFilter(Filter):
@@ -88,12 +134,20 @@ class AdminFilter(Filter):
         self._state = state
         self._serve = serve
 
-    def request(self, ex: Exchange) -> Reply | None:
+    def request(self, ex: Exchange) -> Reply | Pending | None:
         target = ex.head.target
         if not target.startswith(ADMIN_PREFIX):
             return None
+        path = target.partition("?")[0]
+        if self._serve and path == RELOAD_PATH:
+            if ex.head.method != "POST":
+                return reload_method_not_allowed()
+            return reload_refusal(ex.conn.peer, self._state()) or PENDING  # the reload itself: in prepare
         if self._serve and ex.head.method in ("GET", "HEAD"):
-            reply = admin_reply(target.partition("?")[0], self._state())
+            reply = admin_reply(path, self._state())
             if reply is not None:
                 return reply
         return not_found()
+
+    async def prepare(self, ex: Exchange) -> Reply | None:
+        return await reload_reply(self._state())

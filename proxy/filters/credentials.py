@@ -23,7 +23,8 @@ class CredentialsFilter(Filter):
         self._header: tuple[Token | None, bytes] = (None, b"")
 
     def request(self, ex: Exchange) -> Pending | None:
-        assert ex.route is not None
+        if ex.route is None:
+            return None  # POST /-/reload: answered by AdminFilter, never forwarded
         token = self.managers[ex.route.name].current
         if token is None:
             return PENDING  # no valid token at hand: wait for one (single flight) in prepare

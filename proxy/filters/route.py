@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from proxy.exchange import Exchange
 from proxy.filters.base import Filter, HeaderRewrite
+from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Reply, json_reply
 from proxy.router import Router, proxy_location
 
@@ -15,6 +16,8 @@ class RouteFilter(Filter):
         self.router = router
 
     def request(self, ex: Exchange) -> Reply | None:
+        if ex.head.target.startswith(ADMIN_PREFIX):
+            return None  # only POST /-/reload gets here: AdminFilter answers it in its prepare, unrouted
         match = self.router.match(ex.head.target)
         if match is None:
             prefixes = self.router.prefixes

@@ -1,0 +1,226 @@
+"""What the inspector remembers: the last 500 exchanges and 5 minutes of request rate and latency, in memory.
+
+Recording runs on the request path of every request, so ``record`` only puts numbers, strings and the header
+tuples the parsers made into one tuple (the header lists are copied, a few hundred instructions: a parser that
+recycles its lists cannot change what was recorded, and tuples of bytes are soon untracked by the garbage
+collector); dictionaries and JSON are built when somebody asks (``proxy.inspector.api``). The lines the proxy
+adds upstream are not captured (that would take a hook per request): their names are known from what the
+exchange says (a token was used, a CSRF token and cookie were added) and their values are redacted anyway, so
+the detail view rebuilds them. Latency samples are kept per 5-second bucket, at most ``SAMPLE_CAP`` of them (the
+newest), and turned into p50/p99 when the bucket closes, so memory stays bounded whatever the load. Nothing is
+written to disk, and request or response bodies are never referenced.
+
+One recorder lives as long as the process serves with the inspector on: a reload hands it to the next runtime
+(``proxy.app.Runtime``), so the list survives a configuration change.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from proxy.guard import ADMIN_PREFIX
+from proxy.http.heads import Header
+
+if TYPE_CHECKING:
+    from proxy.exchange import Exchange
+    from proxy.tokens import Token
+
+RING_SIZE = 500
+WINDOW_S = 300
+BUCKET_S = 5
+SAMPLE_CAP = 4096  # latency samples kept per bucket (the newest): p99 of 4096 values is precise enough
+MAX_STREAMS = 16  # concurrent event-stream clients
+
+# one recorded exchange: a flat tuple, cheap to build on the request path
+Entry = tuple[
+    int,  # SEQ
+    float,  # TIME: epoch seconds when the request arrived
+    float,  # DURATION: seconds
+    str,  # METHOD
+    str,  # TARGET: path and query as received
+    tuple[Header, ...],  # HEADERS: the client's request headers as received
+    tuple[Header, ...] | None,  # ANSWER: the upstream's answer headers as received (None: the client did not get them)
+    int,  # STATUS
+    int | None,  # UPSTREAM_STATUS
+    int,  # BYTES_IN
+    int,  # BYTES_OUT
+    str | None,  # ROUTE
+    str | None,  # REPLAYED
+    str | None,  # ERROR
+    str,  # REQUEST_ID
+    tuple[bytes, ...],  # EXTRA: header lines a filter added to every attempt (``Exchange.extra``)
+    int,  # FLAGS: SENT_UPSTREAM | CSRF_ADDED | COOKIE_ADDED
+    str | None,  # TOKEN_FP
+]
+# the fields' positions (``Final``: a type checker knows each field's type)
+SEQ: Final = 0
+TIME: Final = 1
+DURATION: Final = 2
+METHOD: Final = 3
+TARGET: Final = 4
+HEADERS: Final = 5
+ANSWER: Final = 6
+STATUS: Final = 7
+UPSTREAM_STATUS: Final = 8
+BYTES_IN: Final = 9
+BYTES_OUT: Final = 10
+ROUTE: Final = 11
+REPLAYED: Final = 12
+ERROR: Final = 13
+REQUEST_ID: Final = 14
+EXTRA: Final = 15
+FLAGS: Final = 16
+TOKEN_FP: Final = 17
+
+SENT_UPSTREAM = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
+CSRF_ADDED = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
+COOKIE_ADDED = 4  # … and the CSRF session's cookies, merged into Cookie
+
+# a closed bucket: (start epoch, requests, p50 seconds or None, p99 seconds or None)
+Bucket = tuple[int, int, float | None, float | None]
+
+
+def percentile(ordered: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an ascending, non-empty list."""
+    rank = max(0, min(len(ordered) - 1, int(fraction * len(ordered) + 0.999999) - 1))
+    return ordered[rank]
+
+
+class Recorder:
+    """The ring of recent exchanges, the latency buckets, and how many event streams are open."""
+
+    def __init__(self) -> None:
+        self.ring: deque[Entry] = deque(maxlen=RING_SIZE)
+        self.seq = 0
+        self.streams = 0  # event-stream clients connected now (both ports)
+        self.instance = secrets.token_hex(4)  # tells a page that the proxy restarted (``seq`` starts again)
+        # perf_counter -> epoch; refreshed whenever a bucket closes, so wall-clock steps are followed
+        self._offset = time.time() - time.perf_counter()
+        self._closed: deque[Bucket] = deque(maxlen=WINDOW_S // BUCKET_S)
+        self._bucket_start = 0  # epoch second the current bucket began (a multiple of BUCKET_S)
+        self._bucket_end = 0.0  # on the perf_counter clock
+        self._count = 0
+        self._samples: list[float] = []
+        self._token: Token | None = None  # the last token seen, and its fingerprint
+        self._token_fp: str | None = None
+        self._open_bucket(time.perf_counter())
+
+    # ---------------------------------------------------------------- the request path
+
+    def record(self, ex: Exchange) -> None:
+        """Remember one finished exchange, unless it was the inspector's (or another admin endpoint's)."""
+        head = ex.head
+        target = head.target
+        if target.startswith(ADMIN_PREFIX):
+            return
+        now = time.perf_counter()
+        started = ex.started
+        duration = now - started
+        seq = self.seq = self.seq + 1
+        route = ex.route
+        up = ex.upstream
+        answer = None
+        flags = 0
+        if up is not None:
+            flags = SENT_UPSTREAM
+            if ex.upstream_status is not None:  # the client got this answer; the head stays until the next use
+                answered = up.head
+                answer = tuple(answered.headers) if answered is not None else None
+            if ex.csrf_key is not None:
+                drop = ex.drop
+                if b"x-csrf-token" in drop:
+                    flags |= CSRF_ADDED
+                if b"cookie" in drop:
+                    flags |= COOKIE_ADDED
+        token = ex.token
+        if token is None:
+            token_fp = None
+        elif token is self._token:
+            token_fp = self._token_fp
+        else:  # a hash per token, not per request
+            token_fp = self._token_fp = token.fingerprint
+            self._token = token
+        extra = ex.extra
+        self.ring.append(
+            (
+                seq,
+                started + self._offset,
+                duration,
+                head.method,
+                target,
+                tuple(head.headers),
+                answer,
+                ex.status,
+                ex.upstream_status,
+                ex.bytes_in,
+                ex.conn.bytes_out,
+                route.name if route is not None else None,
+                ex.replayed,
+                ex.error,
+                ex.request_id,
+                tuple(extra) if extra else (),
+                flags,
+                token_fp,
+            )
+        )
+        if now >= self._bucket_end:
+            self._close_bucket(now)
+        count = self._count = self._count + 1
+        samples = self._samples
+        if count <= SAMPLE_CAP:
+            samples.append(duration)
+        else:
+            samples[count % SAMPLE_CAP] = duration  # a ring of the newest samples
+
+    # ---------------------------------------------------------------- buckets
+
+    def _open_bucket(self, now: float) -> None:
+        epoch = now + self._offset
+        start = int(epoch // BUCKET_S) * BUCKET_S
+        self._bucket_start = start
+        self._bucket_end = now + (start + BUCKET_S - epoch)
+        self._count = 0
+        self._samples = []
+
+    def _close_bucket(self, now: float) -> None:
+        """The current bucket is over: keep its count and percentiles, start the one ``now`` falls in."""
+        if self._count:
+            ordered = sorted(self._samples)
+            self._closed.append((self._bucket_start, self._count, percentile(ordered, 0.5), percentile(ordered, 0.99)))
+        self._offset = time.time() - time.perf_counter()
+        self._open_bucket(now)
+
+    def series(self) -> tuple[int, list[Bucket]]:
+        """(start of the current, unfinished bucket; the closed buckets of the last ``WINDOW_S`` seconds, oldest
+        first, empty ones included as (t, 0, None, None))."""
+        now = time.perf_counter()
+        if now >= self._bucket_end:
+            self._close_bucket(now)
+        current = self._bucket_start
+        first = current - WINDOW_S
+        known = {bucket[0]: bucket for bucket in self._closed if bucket[0] >= first}
+        return current, [known.get(t, (t, 0, None, None)) for t in range(first, current, BUCKET_S)]
+
+    # ---------------------------------------------------------------- reading the ring
+
+    def entry(self, seq: int) -> Entry | None:
+        """The exchange numbered ``seq``, or None once it has left the ring."""
+        ring = self.ring
+        if not ring:
+            return None
+        index = seq - ring[0][SEQ]
+        if 0 <= index < len(ring):
+            found = ring[index]
+            return found if found[SEQ] == seq else None
+        return None
+
+    def newer_than(self, seq: int) -> list[Entry]:
+        """The exchanges after ``seq``, oldest first (all that are still in the ring)."""
+        ring = self.ring
+        if not ring or ring[-1][SEQ] <= seq:
+            return []
+        start = max(0, seq + 1 - ring[0][SEQ])
+        return [ring[i] for i in range(start, len(ring))]
