@@ -431,6 +431,22 @@ class RssSampler:
         self.peak = max(self.peak, rss_bytes(self.pid))
 
 
+async def wait_until_healthy(
+    process: asyncio.subprocess.Process, port: int, log_path: Path, deadline: float = 15
+) -> None:
+    """Poll ``/-/healthz`` of a proxy started as a subprocess until it answers 200 (its log on failure)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
+        end = time.monotonic() + deadline
+        while True:
+            assert process.returncode is None, log_path.read_text()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with probe.get(f"http://127.0.0.1:{port}/-/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            assert time.monotonic() < end, "proxy did not start: " + log_path.read_text()
+            await asyncio.sleep(0.05)
+
+
 @contextlib.asynccontextmanager
 async def proxy_subprocess(config: Path, port: int, log_path: Path) -> AsyncIterator[asyncio.subprocess.Process]:
     """``python -m proxy run --config FILE``, healthy on ``port``; killed afterwards if still running."""
@@ -448,16 +464,7 @@ async def proxy_subprocess(config: Path, port: int, log_path: Path) -> AsyncIter
             env=child_env(),
         )
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
-            end = time.monotonic() + 15
-            while True:
-                assert process.returncode is None, log_path.read_text()
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with probe.get(f"http://127.0.0.1:{port}/-/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                assert time.monotonic() < end, "proxy did not start: " + log_path.read_text()
-                await asyncio.sleep(0.05)
+        await wait_until_healthy(process, port, log_path)
         yield process
     finally:
         if process.returncode is None:

@@ -6,10 +6,8 @@ touches the real home directory or keychain."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -32,6 +30,7 @@ from tests.conftest import (
     free_port,
     mtls_token_server,
     run_cli,
+    wait_until_healthy,
     write_yaml,
 )
 from tests.test_mtls_proxy import Pki, certificate_key
@@ -295,16 +294,7 @@ async def proxy_process(tmp_path: Path, *args: str, **env: str) -> AsyncIterator
             cwd=ROOT,
         )
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as probe:
-            end = time.monotonic() + 15
-            while True:
-                assert process.returncode is None, log_path.read_text()
-                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with probe.get(f"http://127.0.0.1:{port}/-/healthz") as resp:
-                        if resp.status == 200:
-                            break
-                assert time.monotonic() < end, "proxy did not start: " + log_path.read_text()
-                await asyncio.sleep(0.05)
+        await wait_until_healthy(process, port, log_path)
         yield f"http://127.0.0.1:{port}"
     finally:
         if process.returncode is None:
