@@ -49,6 +49,7 @@ from proxy.inspector.recorder import (
     WINDOW_S,
     Entry,
     Recorder,
+    unpack_headers,
 )
 from proxy.redact import REDACTED, Redactor, Secret
 from proxy.tokens import TokenError, TokenManager, credential_secrets
@@ -240,7 +241,7 @@ class InspectorApi:
             return None
         redactor = self._redactor()
         item = self.summary(entry)
-        request = [self._header(name, value, redactor) for _, name, value in entry[HEADERS]]
+        request = [self._header(name, value, redactor) for name, value in unpack_headers(entry[HEADERS])]
         added: list[list[str]] = []
         for line in entry[EXTRA]:
             name, _, value = line.rstrip(b"\r\n").partition(b":")
@@ -257,9 +258,8 @@ class InspectorApi:
         answer = entry[ANSWER]
         item["request_headers"] = request + added
         item["proxy_added"] = [name for name, _ in added]
-        item["response_headers"] = (
-            [self._header(name, value, redactor) for _, name, value in answer] if answer is not None else []
-        )
+        shown = unpack_headers(answer) if answer is not None else []
+        item["response_headers"] = [self._header(name, value, redactor) for name, value in shown]
         item["answered_by"] = "upstream" if answer is not None else "proxy"
         return item
 
