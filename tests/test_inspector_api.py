@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from proxy.app import prepare
 from proxy.config import Overrides, merge_overrides, overrides_from_env
 from proxy.inspector.events import stream_events
-from proxy.inspector.recorder import MAX_STREAMS, RING_SIZE, Recorder
+from proxy.inspector.recorder import MAX_STREAMS, RING_SIZE, Recorder, Ring
 from proxy.server import ProxyServer
 from tests.conftest import Backend, free_port, make_config, running_proxy, secret_route, serve
 
@@ -175,6 +176,7 @@ async def test_detail_redacts_credentials_cookies_csrf_and_the_api_key(tmp_path:
         config = make_config(tmp_path, backend, routes, inbound_api_key=API_KEY)
         key = {"X-Proxy-Api-Key": API_KEY}
         async with running_proxy(config) as proxy, http_client() as http:
+            await get_json(http, proxy.url + "/-/api/routes", headers=key)  # someone looks: headers are kept
             sent = {
                 **key,
                 "Authorization": f"Bearer {CLIENT_BEARER}",
@@ -551,3 +553,52 @@ def test_recorder_is_bounded() -> None:
     recorder = Recorder()
     assert recorder.ring.maxlen == RING_SIZE
     assert recorder.newer_than(0) == [] and recorder.entry(1) is None
+
+
+async def test_headers_of_successful_requests_are_kept_only_while_someone_looks(
+    tmp_path: Path, backend: Backend
+) -> None:
+    """Keeping every request's headers is most of what recording costs: with nobody looking, only failed
+    exchanges keep theirs; a look at the page, the JSON or the event stream keeps all for the next minutes."""
+    config = make_config(tmp_path, backend)
+    async with running_proxy(config) as proxy, http_client() as http:
+        async with http.get(proxy.url + "/api/v1/echo/unseen", headers={"X-Custom": "a"}) as resp:
+            assert resp.status == 200
+        refused = {"X-Custom": "b", "Origin": "https://elsewhere.example"}  # cross-site: the guard says 403
+        async with http.get(proxy.url + "/api/v1/echo/refused", headers=refused) as resp:
+            assert resp.status == 403
+        _, listing = await get_json(http, proxy.url + "/-/api/requests")
+        by_path = {item["path"]: item["seq"] for item in listing["requests"]}
+        _, unseen = await get_json(http, proxy.url + f"/-/api/requests/{by_path['/api/v1/echo/unseen']}")
+        assert unseen["headers_kept"] is False and unseen["request_headers"] == []
+        assert "not kept" in unseen["headers_note"] and unseen["status"] == 200
+        _, failed = await get_json(http, proxy.url + f"/-/api/requests/{by_path['/api/v1/echo/refused']}")
+        assert failed["headers_kept"] is True and failed["status"] == 403
+        assert ["X-Custom", "b"] in failed["request_headers"]
+        async with http.get(proxy.url + "/api/v1/echo/seen", headers={"X-Custom": "c"}) as resp:
+            assert resp.status == 200
+        _, listing = await get_json(http, proxy.url + "/-/api/requests")
+        seen_seq = next(i["seq"] for i in listing["requests"] if i["path"] == "/api/v1/echo/seen")
+        _, seen = await get_json(http, proxy.url + f"/-/api/requests/{seen_seq}")
+        assert seen["headers_kept"] is True and ["X-Custom", "c"] in seen["request_headers"]
+
+
+def test_ring_keeps_the_newest_in_order_and_forgets_the_oldest() -> None:
+    """The preallocated ring reads like a deque of entries: oldest first, overwritten in place when full."""
+    ring = Ring(4)
+    assert len(ring) == 0 and list(ring) == []
+    for seq in range(1, 11):
+        upstream = None if seq % 2 else 200 + seq
+        ring.put(
+            seq,
+            (1000.0 + seq, seq / 1000, 200, -1 if upstream is None else upstream, seq, 10 * seq, 0),
+            ("GET", f"/t/{seq}", b"", None, "r", None, None, f"id-{seq}", (), None),
+        )
+    assert len(ring) == 4
+    assert [entry[0] for entry in ring] == [7, 8, 9, 10]
+    assert [entry[0] for entry in reversed(ring)] == [10, 9, 8, 7]
+    newest = ring[-1]
+    assert newest[4] == "/t/10" and newest[1] == 1010.0 and newest[8] == 210 and newest[10] == 100
+    assert ring[0][8] is None  # seq 7: no upstream status
+    with pytest.raises(IndexError):
+        ring[4]

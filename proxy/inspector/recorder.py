@@ -1,17 +1,14 @@
 """What the inspector remembers: the last 500 exchanges and 5 minutes of request rate and latency, in memory.
 
-Recording runs on the request path of every request, so ``record`` only puts numbers, strings and bytes into
-one tuple; dictionaries and JSON are built when somebody asks (``proxy.inspector.api``). The header lists are
-packed into one ``bytes`` each (``Name: value`` lines) instead of keeping the parsers' header tuples alive
-for 500 requests (bytes are never tracked by the garbage collector; the tuples were, and each survived into
-its older generations). Measured end to end (``bench/run --quick --duration 5``, 16 connections, CPU per small
-GET): ui off ~65 µs; recording without headers ~70 µs; with packed headers ~74 µs; with header tuples ~79 µs —
-runs vary by ±4 µs, so these are rough; the headers' cost is mostly keeping them, not packing them. The lines the proxy
-adds upstream are not captured (that would take a hook per request): their names are known from what the
-exchange says (a token was used, a CSRF token and cookie were added) and their values are redacted anyway, so
-the detail view rebuilds them. Latency samples are kept per 5-second bucket, at most ``SAMPLE_CAP`` of them (the
-newest), and turned into p50/p99 when the bucket closes, so memory stays bounded whatever the load. Nothing is
-written to disk, and request or response bodies are never referenced.
+Recording runs on the request path of every request, so ``record`` only writes numbers, strings and bytes
+into preallocated storage (:class:`Ring`); dictionaries and JSON are built when somebody asks
+(``proxy.inspector.api``). The header lists are packed into one ``bytes`` each (``Name: value`` lines), and
+for a successful exchange only while somebody looks at the inspector (``watched``): keeping every request's
+headers, as tuples, for 500 requests cost about 15 µs per small GET end to end (``bench/run``: 79 vs 63 µs of
+CPU), holding 500 entries as tuples about 5 µs more than this storage. Latency samples are kept per 5-second
+bucket in an array, at most ``SAMPLE_CAP`` of them (the newest), and turned into p50/p99 when the bucket
+closes, so memory stays bounded whatever the load. Nothing is written to disk, and request or response bodies
+are never referenced.
 
 One recorder lives as long as the process serves with the inspector on: a reload hands it to the next runtime
 (``proxy.app.Runtime``), so the list survives a configuration change.
@@ -20,9 +17,12 @@ One recorder lives as long as the process serves with the inspector on: a reload
 from __future__ import annotations
 
 import secrets
+import struct
 import time
+from array import array
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Final, cast
 
 from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Header
@@ -81,9 +81,87 @@ TOKEN_FP: Final = 17
 SENT_UPSTREAM = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
 CSRF_ADDED = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
 COOKIE_ADDED = 4  # … and the CSRF session's cookies, merged into Cookie
+NO_HEADERS = 8  # a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
+
+WATCH_S = 600  # after the last look at the inspector (page, JSON or event stream), headers are kept this long
 
 # a closed bucket: (start epoch, requests, p50 seconds or None, p99 seconds or None)
 Bucket = tuple[int, int, float | None, float | None]
+
+
+_NUMBERS = struct.Struct("=qddqqqqq")  # seq, time, duration, status, upstream status (-1: none), in, out, flags
+_NUMBERS_SIZE = _NUMBERS.size
+_OBJECTS = 10  # method, target, headers, answer, route, replayed, error, request id, extra, token fingerprint
+
+
+class Ring:
+    """The last ``size`` exchanges in preallocated storage: numbers packed into one bytearray, the rest in slots
+    of one list, overwritten in place. Holding 500 exchanges as tuples (each with its own float and int objects)
+    cost about 5 µs per request end to end — memory the allocator and the caches had to cycle through — where
+    this keeps only the strings that are new per request. Read like a deque of :data:`Entry` (oldest first);
+    the tuples are built when somebody asks."""
+
+    def __init__(self, size: int) -> None:
+        self.maxlen = size
+        self.last = 0  # the seq of the newest exchange (0: none yet)
+        self.numbers = bytearray(_NUMBERS.size * size)
+        self.objects: list[object] = [None] * (_OBJECTS * size)
+
+    def put(self, seq: int, numbers: tuple[float, float, int, int, int, int, int], objects: tuple[object, ...]) -> None:
+        """Store exchange ``seq`` (one more than the last), overwriting the oldest when full."""
+        slot = (seq - 1) % self.maxlen
+        _NUMBERS.pack_into(self.numbers, slot * _NUMBERS.size, seq, *numbers)
+        start = slot * _OBJECTS
+        self.objects[start : start + _OBJECTS] = objects
+        self.last = seq
+
+    def __len__(self) -> int:
+        return min(self.last, self.maxlen)
+
+    def __getitem__(self, index: int) -> Entry:
+        size = len(self)
+        if index < 0:
+            index += size
+        if not 0 <= index < size:
+            raise IndexError(index)
+        seq = self.last - size + 1 + index
+        slot = (seq - 1) % self.maxlen
+        seq, started, duration, status, upstream_status, bytes_in, bytes_out, flags = _NUMBERS.unpack_from(
+            self.numbers, slot * _NUMBERS.size
+        )
+        start = slot * _OBJECTS
+        method, target, headers, answer, route, replayed, error, request_id, extra, token_fp = self.objects[
+            start : start + _OBJECTS
+        ]
+        return cast(
+            Entry,
+            (
+                seq,
+                started,
+                duration,
+                method,
+                target,
+                headers,
+                answer,
+                status,
+                None if upstream_status < 0 else upstream_status,
+                bytes_in,
+                bytes_out,
+                route,
+                replayed,
+                error,
+                request_id,
+                extra,
+                flags,
+                token_fp,
+            ),
+        )
+
+    def __iter__(self) -> Iterator[Entry]:
+        return (self[i] for i in range(len(self)))
+
+    def __reversed__(self) -> Iterator[Entry]:
+        return (self[i] for i in range(len(self) - 1, -1, -1))
 
 
 def pack_headers(headers: list[Header]) -> bytes:
@@ -112,7 +190,7 @@ class Recorder:
     """The ring of recent exchanges, the latency buckets, and how many event streams are open."""
 
     def __init__(self) -> None:
-        self.ring: deque[Entry] = deque(maxlen=RING_SIZE)
+        self.ring = Ring(RING_SIZE)
         self.seq = 0
         self.streams = 0  # event-stream clients connected now (both ports)
         self.instance = secrets.token_hex(4)  # tells a page that the proxy restarted (``seq`` starts again)
@@ -122,12 +200,19 @@ class Recorder:
         self._bucket_start = 0  # epoch second the current bucket began (a multiple of BUCKET_S)
         self._bucket_end = 0.0  # on the perf_counter clock
         self._count = 0
-        self._samples: list[float] = []
+        self._samples = array("d")
+        self._watched_until = 0.0  # perf_counter until which every exchange's headers are kept
         self._token: Token | None = None  # the last token seen, and its fingerprint
         self._token_fp: str | None = None
         self._open_bucket(time.perf_counter())
 
     # ---------------------------------------------------------------- the request path
+
+    def watched(self) -> None:
+        """Somebody is looking (the page, the JSON, the event stream): keep every exchange's headers for the
+        next ``WATCH_S`` seconds. While nobody looks, only failed exchanges (status outside 200–399, or a proxy
+        error) keep theirs: keeping the headers of every request is most of what recording costs."""
+        self._watched_until = time.perf_counter() + WATCH_S
 
     def record(self, ex: Exchange) -> None:
         """Remember one finished exchange, unless it was the inspector's (or another admin endpoint's)."""
@@ -142,12 +227,15 @@ class Recorder:
         route = ex.route
         up = ex.upstream
         answer = None
-        flags = 0
+        status = ex.status
+        keep = now < self._watched_until or not 200 <= status < 400 or ex.error is not None
+        flags = 0 if keep else NO_HEADERS
         if up is not None:
-            flags = SENT_UPSTREAM
+            flags |= SENT_UPSTREAM
             if ex.upstream_status is not None:  # the client got this answer; the head stays until the next use
                 answered = up.head
-                answer = pack_headers(answered.headers) if answered is not None else None
+                if answered is not None and keep:
+                    answer = pack_headers(answered.headers)
             if ex.csrf_key is not None:
                 drop = ex.drop
                 if b"x-csrf-token" in drop:
@@ -163,28 +251,35 @@ class Recorder:
             token_fp = self._token_fp = token.fingerprint
             self._token = token
         extra = ex.extra
-        self.ring.append(
-            (
-                seq,
-                started + self._offset,
-                duration,
-                head.method,
-                target,
-                pack_headers(head.headers),
-                answer,
-                ex.status,
-                ex.upstream_status,
-                ex.bytes_in,
-                ex.conn.bytes_out,
-                route.name if route is not None else None,
-                ex.replayed,
-                ex.error,
-                ex.request_id,
-                tuple(extra) if extra else (),
-                flags,
-                token_fp,
-            )
+        upstream_status = ex.upstream_status
+        ring = self.ring  # Ring.put, inlined: this runs for every request
+        slot = (seq - 1) % ring.maxlen
+        _NUMBERS.pack_into(
+            ring.numbers,
+            slot * _NUMBERS_SIZE,
+            seq,
+            started + self._offset,
+            duration,
+            status,
+            -1 if upstream_status is None else upstream_status,
+            ex.bytes_in,
+            ex.conn.bytes_out,
+            flags,
         )
+        start = slot * _OBJECTS
+        ring.objects[start : start + _OBJECTS] = (
+            head.method,
+            target,
+            pack_headers(head.headers) if keep else b"",
+            answer,
+            route.name if route is not None else None,
+            ex.replayed,
+            ex.error,
+            ex.request_id,
+            tuple(extra) if extra else (),
+            token_fp,
+        )
+        ring.last = seq
         if now >= self._bucket_end:
             self._close_bucket(now)
         count = self._count = self._count + 1
@@ -202,7 +297,7 @@ class Recorder:
         self._bucket_start = start
         self._bucket_end = now + (start + BUCKET_S - epoch)
         self._count = 0
-        self._samples = []
+        self._samples = array("d")
 
     def _close_bucket(self, now: float) -> None:
         """The current bucket is over: keep its count and percentiles, start the one ``now`` falls in."""
