@@ -107,6 +107,9 @@ class Pipeline:
         up.ready = None
         answer = up.head
         try:
+            if answer is None and ex.conn.closed:  # the client went (or was cut): nothing left to wait for
+                self._end(ex, self._trouble(ex, ClientGone()))
+                return
             if answer is None or answer.status in self.chain.answer_statuses:
                 self._continue(ex, self._forward(ex, sent=up))  # a failure to judge, or a replay to decide
                 return

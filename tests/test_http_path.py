@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -711,3 +712,35 @@ async def test_slow_reader_download_in_bounded_memory(tmp_path: Path, backend: B
     print(f"\nslow reader: {total >> 20} MiB in {took:.1f} s, proxy RSS {baseline >> 20} MiB + {growth >> 20} MiB")
     assert received == total
     assert growth <= 32 * MiB, f"the proxy's RSS grew by {growth / MiB:.1f} MiB (baseline {baseline >> 20} MiB)"
+
+
+async def test_client_gone_while_its_answer_is_awaited_is_logged_499_and_frees_the_upstream(
+    tmp_path: Path, backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The common path has no task: the request waits on a pooled upstream connection's read callback. A client
+    that goes away meanwhile (a reset) must still end the exchange: the upstream connection aborted (not pooled
+    half-read), the access log saying 499 client_disconnected, nothing left in flight, the next request fine."""
+    caplog.set_level(logging.INFO, logger="odata_auth_proxy.access")
+    config = make_config(tmp_path, backend)
+    async with started_server(ProxyServer(prepare(config))) as served:
+        port = served.server.port
+        base = f"http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as client, client.get(base + "/api/v1/echo/warm") as resp:
+            assert resp.status == 200  # a pooled connection now waits: the next request takes the task-free path
+        async with connect(port) as (_reader, writer):
+            writer.write(raw_request("GET", "/api/v1/slow?seconds=30", port))
+            await writer.drain()
+            await wait_until(reached_upstream(backend, "/api/v1/slow"), 10, "the slow request to reach the upstream")
+            # gone for good (a reset, as a killed client): a plain close would be a half-close, answered later
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+        def slow_lines() -> list[logging.LogRecord]:
+            access = [r for r in caplog.records if r.name == "odata_auth_proxy.access"]
+            return [r for r in access if "/api/v1/slow" in r.getMessage()]
+
+        await wait_until(lambda: bool(slow_lines()), 5, "the access log line of the abandoned request")
+        (record,) = slow_lines()
+        assert " 499 " in record.getMessage() and "client_disconnected" in record.getMessage(), record.getMessage()
+        assert await in_flight(base) == 0
+        async with aiohttp.ClientSession() as client, client.get(base + "/api/v1/echo/after") as resp:
+            assert resp.status == 200
