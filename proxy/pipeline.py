@@ -29,6 +29,7 @@ log = logging.getLogger("odata_auth_proxy.forward")
 
 # Never copied from the client: set by us (Host, Authorization, Content-Length) or answered here (Expect).
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
+_ANSWER_DROP = HOP_BY_HOP | {b"content-length"}  # framing is ours: set per client, never copied
 SMALL_BODY = 64 * 1024  # sized answers up to this are read whole and sent in one write
 _MAX_ATTEMPTS = 4  # first send, a 401 replay, a CSRF replay, one retry on a stale pooled connection
 
@@ -372,11 +373,11 @@ class Pipeline:
     def _client_head(self, ex: Exchange, answer: ResponseHead) -> list[bytes]:
         """Status line and headers for the client: hop-by-hop and framing dropped, rewrites applied."""
         lines = [status_line(answer.status, answer.reason)]
-        listed = connection_listed(answer.headers)
+        listed = connection_listed(answer.headers) if answer.lists_headers else ()
         rewrites = self.chain.header_rewrites
         append = lines.append
         for lname, name, value in answer.headers:
-            if lname in HOP_BY_HOP or lname == b"content-length" or (listed and lname in listed):
+            if lname in _ANSWER_DROP or (listed and lname in listed):
                 continue
             if lname in rewrites:
                 value = rewrites[lname](ex, value)

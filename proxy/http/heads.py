@@ -47,7 +47,7 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # hop-by-hop already: nothing more to drop
+PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # hop-by-hop already: nothing more to drop
 
 
 def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
@@ -55,7 +55,7 @@ def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
     listed: set[bytes] = set()
     for lname, _, value in headers:
         if lname == b"connection":
-            if value.lower() in _PLAIN_CONNECTION:
+            if value.lower() in PLAIN_CONNECTION:
                 continue
             listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(listed)
@@ -141,7 +141,7 @@ class RequestHead:
 class ResponseHead:
     """An upstream answer's head as parsed: status, reason and headers (bytes)."""
 
-    __slots__ = ("content_length", "headers", "keep_alive", "reason", "status")
+    __slots__ = ("content_length", "headers", "keep_alive", "lists_headers", "reason", "status")
 
     def __init__(
         self, status: int, reason: bytes, headers: list[Header], keep_alive: bool, content_length: int | None = None
@@ -151,6 +151,8 @@ class ResponseHead:
         self.headers = headers
         self.keep_alive = keep_alive
         self.content_length = content_length  # the parser saw it go by: no second pass over the headers
+        #: a ``Connection`` header names more than keep-alive/close (the parser saw it): ``connection_listed``
+        self.lists_headers = True
 
     def header(self, lname: bytes) -> bytes | None:
         for name, _, value in self.headers:

@@ -29,7 +29,7 @@ from urllib.parse import unquote, urlsplit
 import httptools
 
 from proxy.http.flow import FlowPeer
-from proxy.http.heads import Header, ResponseHead
+from proxy.http.heads import PLAIN_CONNECTION, Header, ResponseHead
 from proxy.outbound import OutboundProxies
 
 READ_BUFFER = 256 * 1024
@@ -126,6 +126,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._reset()
 
     def _reset(self) -> None:
+        self._lists_headers = False
         self.head: ResponseHead | None = None
         self.head_request = False
         self.got_bytes = False
@@ -215,6 +216,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._reason = b""
         self._length = None
         self._framed = False  # a Content-Length or Transfer-Encoding: the body does not end with the connection
+        self._lists_headers = False
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -227,6 +229,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self._framed = True
         elif lname == b"transfer-encoding":
             self._framed = True
+        elif lname == b"connection" and value.lower() not in PLAIN_CONNECTION:
+            self._lists_headers = True  # the answer names hop-by-hop headers of its own
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -237,6 +241,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         raw = self._length
         length = int(raw) if raw is not None and raw.strip().isdigit() else None  # llhttp vetted it already
         head = ResponseHead(status, self._reason, self._headers, bool(parser.should_keep_alive()), length)
+        head.lists_headers = self._lists_headers
         self.head = head
         if self.head_request or status in _NO_BODY_STATUS:
             self._reset_parser = self.head_request  # llhttp would wait for a HEAD answer's announced body
