@@ -349,6 +349,18 @@ def write_yaml(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def service_key(backend: Backend, **oauth: Any) -> dict[str, Any]:
+    """A secret-kind SAP service key for ``backend`` (``oauth`` fields override or, as None, drop a field)."""
+    key = {
+        "clientid": backend.tokens.client_id,
+        "clientsecret": backend.tokens.client_secret,
+        "url": backend.upstream.url,
+        "tokenurl": backend.tokens.url + "/oauth/token",
+    }
+    key.update(oauth)
+    return {"oauth": {k: v for k, v in key.items() if v is not None}}
+
+
 def secret_route(backend: Backend, **extra: Any) -> dict[str, Any]:
     route: dict[str, Any] = {
         "name": "api",

@@ -20,7 +20,17 @@ import aiohttp
 import pytest
 
 import proxy
-from tests.conftest import CLIENT_SECRET, Backend, CliResult, child_env, free_port, run_cli, secret_route, write_yaml
+from tests.conftest import (
+    CLIENT_SECRET,
+    Backend,
+    CliResult,
+    child_env,
+    free_port,
+    run_cli,
+    secret_route,
+    service_key,
+    write_yaml,
+)
 
 PROXY_DIR = Path(proxy.__file__).parent
 ERROR_PREFIX = "odata-auth-proxy: error:"
@@ -42,17 +52,6 @@ def assert_one_error_line(result: CliResult, *needles: str) -> str:
     for needle in needles:
         assert needle in line, (needle, line)
     return line
-
-
-def service_key(backend: Backend, **oauth: Any) -> dict[str, Any]:
-    key = {
-        "clientid": backend.tokens.client_id,
-        "clientsecret": backend.tokens.client_secret,
-        "url": backend.upstream.url,
-        "tokenurl": backend.tokens.url + "/oauth/token",
-    }
-    key.update(oauth)
-    return {"oauth": {k: v for k, v in key.items() if v is not None}}
 
 
 def key_file(tmp_path: Path, backend: Backend) -> Path:

@@ -51,8 +51,8 @@ import yaml
 from aiohttp import web
 
 from tests import test_container
-from tests.conftest import BIN, CLIENT_SECRET, Backend, child_env, free_port
-from tests.test_container import CA_IN_CONTAINER, OPT_IN, Podman, json_records, service_key_json
+from tests.conftest import BIN, CLIENT_SECRET, Backend, child_env, free_port, service_key
+from tests.test_container import CA_IN_CONTAINER, OPT_IN, Podman, json_records
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "docker-compose.example.yml"
@@ -310,7 +310,7 @@ async def test_compose_example_runs_with_podman_compose(
     started_at = time.monotonic()
     try:
         # the files the example's header comment asks for, next to the compose file
-        (tmp_path / "service-key.json").write_text(service_key_json(backend))
+        (tmp_path / "service-key.json").write_text(json.dumps(service_key(backend)))
         (tmp_path / "service-key.json").chmod(0o644)  # readable by uid 10001
         shutil.copy(backend.tls.ca_path, tmp_path / "ca.pem")
         (tmp_path / "ca.pem").chmod(0o644)

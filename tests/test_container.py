@@ -26,7 +26,7 @@ import aiohttp
 import pytest
 import trustme
 
-from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, mtls_token_server
+from tests.conftest import CLIENT_SECRET, Backend, child_env, free_port, mtls_token_server, service_key
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "ci" / "container-image.sh"
@@ -177,19 +177,6 @@ async def container(
         await podman.run("rm", "--force", "--time", "0", running.name)
 
 
-def service_key_json(backend: Backend) -> str:
-    return json.dumps(
-        {
-            "oauth": {
-                "clientid": backend.tokens.client_id,
-                "clientsecret": backend.tokens.client_secret,
-                "url": backend.upstream.url,
-                "tokenurl": backend.tokens.url + "/oauth/token",
-            }
-        }
-    )
-
-
 def ca_mount(backend: Backend) -> list[str]:
     return ["-v", f"{backend.tls.ca_path}:{CA_IN_CONTAINER}:ro"]
 
@@ -197,7 +184,7 @@ def ca_mount(backend: Backend) -> list[str]:
 def key_env(backend: Backend, **extra: str) -> dict[str, str]:
     """Env-only configuration: the service key's JSON itself, the test CA, the inbound API key."""
     return {
-        "ODATA_AUTH_PROXY_SERVICE_KEY_JSON": service_key_json(backend),
+        "ODATA_AUTH_PROXY_SERVICE_KEY_JSON": json.dumps(service_key(backend)),
         "ODATA_AUTH_PROXY_CA_BUNDLE": CA_IN_CONTAINER,
         "ODATA_AUTH_PROXY_INBOUND_API_KEY": API_KEY,
         **extra,

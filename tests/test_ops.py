@@ -46,6 +46,7 @@ from tests.conftest import (
     make_config,
     running_proxy,
     secret_route,
+    service_key,
     write_yaml,
 )
 
@@ -889,19 +890,6 @@ def test_dockerfile_shape() -> None:
         assert dockerignore_excludes(patterns, secret), secret
 
 
-def service_key_json(backend: Backend) -> str:
-    return json.dumps(
-        {
-            "oauth": {
-                "clientid": backend.tokens.client_id,
-                "clientsecret": backend.tokens.client_secret,
-                "url": backend.upstream.url,
-                "tokenurl": backend.tokens.url + "/oauth/token",
-            }
-        }
-    )
-
-
 @pytest.mark.timeout(30)
 async def test_docker_entrypoint_with_image_env_and_healthcheck(tmp_path: Path, backend: Backend) -> None:
     final = read_dockerfile()[-1]
@@ -910,7 +898,7 @@ async def test_docker_entrypoint_with_image_env_and_healthcheck(tmp_path: Path, 
     api_key = "inbound-key-0123456789abcdef"
     env = child_env(
         **dockerfile_env(final),
-        ODATA_AUTH_PROXY_SERVICE_KEY_JSON=service_key_json(backend),
+        ODATA_AUTH_PROXY_SERVICE_KEY_JSON=json.dumps(service_key(backend)),
         ODATA_AUTH_PROXY_CA_BUNDLE=str(backend.tls.ca_path),
         ODATA_AUTH_PROXY_INBOUND_API_KEY=api_key,
     )

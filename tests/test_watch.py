@@ -23,7 +23,7 @@ from proxy.app import Prepared, prepare
 from proxy.config import Overrides, load_config
 from proxy.server import ProxyServer
 from proxy.watch import watched_files
-from tests.conftest import Backend, write_yaml
+from tests.conftest import Backend, service_key, write_yaml
 
 NEW_SECRET = "rotated-secret-0123456789"
 
@@ -49,17 +49,6 @@ class SecretMount:
         os.replace(link, self.root / "..data")  # the atomic swap
         if not self.key.is_symlink():
             self.key.symlink_to("..data/key.json")
-
-
-def service_key(backend: Backend, secret: str) -> dict[str, Any]:
-    return {
-        "oauth": {
-            "clientid": backend.tokens.client_id,
-            "clientsecret": secret,
-            "url": backend.upstream.url,
-            "tokenurl": backend.tokens.url + "/oauth/token",
-        }
-    }
 
 
 def proxy_config(tmp_path: Path, backend: Backend, mount: SecretMount, **top: Any) -> Path:
@@ -102,7 +91,7 @@ async def until(predicate: Callable[[], bool], seconds: float) -> float:
 
 def test_every_file_the_configuration_came_from_is_watched(tmp_path: Path, backend: Backend) -> None:
     mount = SecretMount(tmp_path / "mount")
-    mount.publish(service_key(backend, backend.tokens.client_secret))
+    mount.publish(service_key(backend, clientsecret=backend.tokens.client_secret))
     secret_file = tmp_path / "api-key.txt"
     secret_file.write_text("inbound-key-0123456789\n")
     path = proxy_config(tmp_path, backend, mount, inbound_api_key_file=str(secret_file))
@@ -118,7 +107,7 @@ async def test_a_swapped_secret_mount_is_in_use_within_10_s(
 ) -> None:
     caplog.set_level(logging.INFO, logger="odata_auth_proxy")
     mount = SecretMount(tmp_path / "mount")
-    mount.publish(service_key(backend, backend.tokens.client_secret))
+    mount.publish(service_key(backend, clientsecret=backend.tokens.client_secret))
     path = proxy_config(tmp_path, backend, mount)
     async with serving(path) as server, aiohttp.ClientSession() as client:
         assert await status(client, server) == 200
@@ -127,7 +116,7 @@ async def test_a_swapped_secret_mount_is_in_use_within_10_s(
 
         # a broken rotation (wrong secret): refused, the running token keeps serving, tried once only
         requests_before = backend.tokens.requests
-        mount.publish(service_key(backend, "wrong-secret-9876543210"))
+        mount.publish(service_key(backend, clientsecret="wrong-secret-9876543210"))
         await until(lambda: "reload refused" in caplog.text, 10)
         assert await status(client, server) == 200
         await asyncio.sleep(4.5)  # two more checks of the files: the refused content is not retried
@@ -135,7 +124,7 @@ async def test_a_swapped_secret_mount_is_in_use_within_10_s(
 
         # the corrected key: the token server now expects the new secret, and the proxy uses it
         backend.tokens.client_secret = NEW_SECRET
-        mount.publish(service_key(backend, NEW_SECRET))
+        mount.publish(service_key(backend, clientsecret=NEW_SECRET))
         took = await until(lambda: "reloaded configuration" in caplog.text, 10)
         assert took < 10
         assert await status(client, server) == 200
@@ -150,10 +139,10 @@ async def test_watch_false_leaves_a_changed_file_alone(
 ) -> None:
     caplog.set_level(logging.INFO, logger="odata_auth_proxy")
     mount = SecretMount(tmp_path / "mount")
-    mount.publish(service_key(backend, backend.tokens.client_secret))
+    mount.publish(service_key(backend, clientsecret=backend.tokens.client_secret))
     path = proxy_config(tmp_path, backend, mount, watch=False)
     async with serving(path) as server, aiohttp.ClientSession() as client:
-        mount.publish(service_key(backend, "wrong-secret-9876543210"))
+        mount.publish(service_key(backend, clientsecret="wrong-secret-9876543210"))
         await asyncio.sleep(3.0)
         assert await status(client, server) == 200
     assert "watch:" not in caplog.text and "reload" not in caplog.text
