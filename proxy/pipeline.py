@@ -386,6 +386,14 @@ class Pipeline:
             flt.response_headers(ex, lines, answer)
         return lines
 
+    def _transform(self, ex: Exchange, answer: ResponseHead, *, whole: bool) -> BodyTransform | None:
+        """The first filter's transform of this answer's body (link rewriting), or None to pass it through."""
+        for flt in self.chain.on_body:
+            transform = flt.body_transform(ex, answer, whole=whole)
+            if transform is not None:
+                return transform
+        return None
+
     def _answer_whole(self, ex: Exchange, up: UpstreamConnection, answer: ResponseHead) -> Reply | Later | None:
         """Send an answer that has no body or whose body is all here, in one write; ``_LATER`` otherwise."""
         head, conn = ex.head, ex.conn
@@ -399,11 +407,7 @@ class Pipeline:
             return None
         if not up.complete:
             return _LATER
-        transform: BodyTransform | None = None
-        for flt in self.chain.on_body:
-            transform = flt.body_transform(ex, answer, whole=True)
-            if transform is not None:
-                break
+        transform = self._transform(ex, answer, whole=True)
         data = up.take_body()
         if transform is not None:
             try:
@@ -426,11 +430,7 @@ class Pipeline:
             except UpstreamError as exc:
                 return self._body_incomplete(ex, up, answer, exc)
             return self._answer_whole(ex, up, answer)  # type: ignore[return-value]
-        transform: BodyTransform | None = None
-        for flt in self.chain.on_body:
-            transform = flt.body_transform(ex, answer)
-            if transform is not None:
-                break
+        transform = self._transform(ex, answer, whole=False)
         lines = self._client_head(ex, answer)
         ex.conn.start_response(ex.head, b"".join(lines), None if transform is not None else length)
         await self._stream_download(ex, up, transform)

@@ -589,11 +589,8 @@ def test_ring_keeps_the_newest_in_order_and_forgets_the_oldest() -> None:
     assert len(ring) == 0 and list(ring) == []
     for seq in range(1, 11):
         upstream = None if seq % 2 else 200 + seq
-        ring.put(
-            seq,
-            (1000.0 + seq, seq / 1000, 200, -1 if upstream is None else upstream, seq, 10 * seq, 0),
-            ("GET", f"/t/{seq}", b"", None, "r", None, None, f"id-{seq}", (), None),
-        )
+        objects = ("GET", f"/t/{seq}", b"", None, "r", None, None, f"id-{seq}", (), None)
+        ring.put(seq, 1000.0 + seq, seq / 1000, 200, upstream, seq, 10 * seq, 0, objects)
     assert len(ring) == 4
     assert [entry[0] for entry in ring] == [7, 8, 9, 10]
     assert [entry[0] for entry in reversed(ring)] == [10, 9, 8, 7]

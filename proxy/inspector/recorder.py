@@ -107,10 +107,34 @@ class Ring:
         self.numbers = bytearray(_NUMBERS.size * size)
         self.objects: list[object] = [None] * (_OBJECTS * size)
 
-    def put(self, seq: int, numbers: tuple[float, float, int, int, int, int, int], objects: tuple[object, ...]) -> None:
-        """Store exchange ``seq`` (one more than the last), overwriting the oldest when full."""
+    def put(
+        self,
+        seq: int,
+        started: float,
+        duration: float,
+        status: int,
+        upstream_status: int | None,
+        bytes_in: int,
+        bytes_out: int,
+        flags: int,
+        objects: tuple[object, ...],
+    ) -> None:
+        """Store exchange ``seq`` (one more than the last), overwriting the oldest when full; ``objects`` are the
+        method, target, headers, answer headers, route, replayed, error, request id, extra lines, token
+        fingerprint."""
         slot = (seq - 1) % self.maxlen
-        _NUMBERS.pack_into(self.numbers, slot * _NUMBERS.size, seq, *numbers)
+        _NUMBERS.pack_into(
+            self.numbers,
+            slot * _NUMBERS_SIZE,
+            seq,
+            started,
+            duration,
+            status,
+            -1 if upstream_status is None else upstream_status,
+            bytes_in,
+            bytes_out,
+            flags,
+        )
         start = slot * _OBJECTS
         self.objects[start : start + _OBJECTS] = objects
         self.last = seq
@@ -251,35 +275,28 @@ class Recorder:
             token_fp = self._token_fp = token.fingerprint
             self._token = token
         extra = ex.extra
-        upstream_status = ex.upstream_status
-        ring = self.ring  # Ring.put, inlined: this runs for every request
-        slot = (seq - 1) % ring.maxlen
-        _NUMBERS.pack_into(
-            ring.numbers,
-            slot * _NUMBERS_SIZE,
+        self.ring.put(
             seq,
             started + self._offset,
             duration,
             status,
-            -1 if upstream_status is None else upstream_status,
+            ex.upstream_status,
             ex.bytes_in,
             ex.conn.bytes_out,
             flags,
+            (
+                head.method,
+                target,
+                pack_headers(head.headers) if keep else b"",
+                answer,
+                route.name if route is not None else None,
+                ex.replayed,
+                ex.error,
+                ex.request_id,
+                tuple(extra) if extra else (),
+                token_fp,
+            ),
         )
-        start = slot * _OBJECTS
-        ring.objects[start : start + _OBJECTS] = (
-            head.method,
-            target,
-            pack_headers(head.headers) if keep else b"",
-            answer,
-            route.name if route is not None else None,
-            ex.replayed,
-            ex.error,
-            ex.request_id,
-            tuple(extra) if extra else (),
-            token_fp,
-        )
-        ring.last = seq
         if now >= self._bucket_end:
             self._close_bucket(now)
         count = self._count = self._count + 1
