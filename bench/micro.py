@@ -10,6 +10,7 @@ requests: the figure to watch when changing the request path (``bench/run`` give
     bench/.venv/bin/python bench/micro.py --without links # drop filters by name (guard, observe, links, ...)
     bench/.venv/bin/python bench/micro.py --floor         # listener and task only: the floor
     bench/.venv/bin/python bench/micro.py --no-ui         # without the inspector (ui: false), to compare
+    bench/.venv/bin/python bench/micro.py --access-log    # with the access log (text, to /dev/null)
     bench/.venv/bin/python bench/micro.py --profile       # cProfile, top functions
 
 The machine is shared and noisy: each run repeats ``--rounds`` times and reports the best.
@@ -21,6 +22,7 @@ import argparse
 import asyncio
 import cProfile
 import logging
+import os
 import pstats
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from proxy.filters.base import Chain
 from proxy.http.heads import RequestHead
 from proxy.http.listener import ClientConnection, RequestBody
 from proxy.http.upstream import Origin, UpstreamConnection
+from proxy.logs import ACCESS_LOGGER, setup_logging
 from proxy.redact import Secret
 from proxy.server import ProxyServer
 from proxy.tokens import Token
@@ -102,7 +105,10 @@ class FakeTransport:
 async def measure(args: argparse.Namespace) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "micro.yaml"
-        path.write_text(CONFIG + ("ui: false\n" if args.no_ui else ""))
+        text = CONFIG + ("ui: false\n" if args.no_ui else "")
+        if args.access_log:
+            text = text.replace("access_log: false", "access_log: true")
+        path.write_text(text)
         config = load_config(Overrides(config=str(path)), env={})
     server = ProxyServer(prepare(config))
     await server.start()
@@ -158,9 +164,15 @@ def main() -> None:
     parser.add_argument("--without", action="append", default=[], metavar="FILTER")
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--no-ui", action="store_true", help="ui: false (no inspector recording)")
+    parser.add_argument("--access-log", action="store_true", help="access log on (text format, to /dev/null)")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
-    logging.disable(logging.WARNING)  # the fake token URL's background refresh fails: not part of this
+    if args.access_log:  # the proxy's own handler, as `run` sets it up; only the access logger speaks
+        setup_logging("text", verbose=False, stream=open(os.devnull, "w"))  # noqa: SIM115
+        logging.getLogger("odata_auth_proxy").setLevel(logging.CRITICAL)
+        logging.getLogger(ACCESS_LOGGER).setLevel(logging.INFO)
+    else:
+        logging.disable(logging.WARNING)  # the fake token URL's background refresh fails: not part of this
     rounds = 1 if args.profile else args.rounds
     results = sorted(uvloop.run(measure(args)) for _ in range(rounds))
     shown = ", ".join(f"{r:.1f}" for r in results)

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from proxy.http.upstream import Origin, UpstreamConnection
     from proxy.tokens import Token
 
+_NOTHING: frozenset[bytes] = frozenset()
 CLIENT_DISCONNECTED = "client_disconnected"
 DRAIN_TIMEOUT = "drain_timeout"
 
@@ -58,8 +59,8 @@ class Exchange:
         self.route: Route | None = None
         self.origin: Origin | None = None
         self.upstream_target = ""  # path and query on the upstream, byte-exact
-        self.drop: set[bytes] = set()  # client headers (lower-case) not to forward
-        self.extra: list[bytes] = []  # header lines added to every upstream attempt
+        self.drop: frozenset[bytes] | set[bytes] = _NOTHING  # client headers (lower-case) not to forward
+        self.extra: tuple[bytes, ...] = ()  # header lines added to every upstream attempt
         self.token: Token | None = None
         self.csrf_key: str | None = None
         self.cors_origin: str | None = None
@@ -71,6 +72,16 @@ class Exchange:
         self.bytes_in = 0
         self.replayed: str | None = None  # "401" or "csrf" when the request was sent a second time
         self.error: str | None = None  # our error code, when the proxy answered itself or was cut
+
+    def dont_forward(self, *names: bytes) -> None:
+        """Drop these client headers (lower-case names) from the upstream request: a filter replaces them.
+        (The set is made on first use: most requests have nothing dropped beyond what filters declare in
+        ``Filter.replaces``.)"""
+        drop = self.drop
+        if isinstance(drop, set):
+            drop.update(names)
+        else:
+            self.drop = set(names)
 
     @property
     def replayable(self) -> bool:

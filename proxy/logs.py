@@ -71,42 +71,28 @@ def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -
     logger.log(level, message, extra={"fields": fields})
 
 
-def access_log_line(
-    *,
+def access_log_message(
     client: str | None,
     method: str,
     target: str,
     status: int,
     bytes_out: int,
-    duration: float,
+    duration_ms: float,
     route: str | None,
     upstream_status: int | None,
     token_fp: str | None,
     request_id: str | None,
-    error: str | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """The access log message and its structured fields (same facts, two spellings)."""
-    fields: dict[str, Any] = {
-        "client": client or "-",
-        "method": method,
-        "path": target,
-        "status": status,
-        "bytes": bytes_out,
-        "duration_ms": round(duration * 1000, 2),
-        "route": route or "-",
-        "upstream_status": upstream_status,
-        "token_fp": token_fp or "-",
-        "request_id": request_id or "-",
-    }
+    error: str | None,
+) -> str:
+    """The access log message: one line of ``key=value`` facts, the same in text and JSON mode."""
     message = (
-        f'{fields["client"]} "{method} {target}" {status} {bytes_out}B {fields["duration_ms"]}ms '
-        f"route={fields['route']} upstream={upstream_status if upstream_status is not None else '-'} "
-        f"token={fields['token_fp']} id={fields['request_id']}"
+        f'{client or "-"} "{method} {target}" {status} {bytes_out}B {duration_ms}ms '
+        f"route={route or '-'} upstream={upstream_status if upstream_status is not None else '-'} "
+        f"token={token_fp or '-'} id={request_id or '-'}"
     )
     if error:  # why the proxy answered itself, or cut the exchange (drain_timeout, client_disconnected, ...)
-        fields["error"] = error
         message += f" error={error}"
-    return message, fields
+    return message
 
 
 class AccessLog:
@@ -117,7 +103,9 @@ class AccessLog:
     would see the line, it is formatted here in that handler's format, appended to a buffer and written at
     most ``FLUSH_DELAY`` later (or when ``FLUSH_LINES`` wait). Anywhere else (another handler attached, e.g.
     by an embedding program or a test's log capture) the line goes through ``logging`` as usual, so nothing
-    that listens misses a line.
+    that listens misses a line. Which of the two applies is worked out once a second (walking the logger tree
+    costs more than formatting the line) and checked per line only against the root's handler list, which is
+    where a log capture or an embedding program adds its handler.
     """
 
     FLUSH_DELAY = 0.05
@@ -127,8 +115,10 @@ class AccessLog:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
         self._lines: list[str] = []
         self._flush_handle: Any = None
-        self._stamp_second = -1
+        self._second = -1
         self._stamp = ""
+        self._info_prefix = ""
+        self._direct: ProxyLogHandler | None = None  # for INFO lines, worked out once a second
 
     def _direct_handler(self, level: int) -> ProxyLogHandler | None:
         """The proxy's own handler when it alone would see this line, else None (go through ``logging``)."""
@@ -147,23 +137,82 @@ class AccessLog:
             return None
         return handler
 
-    def log(self, level: int, message: str, fields: dict[str, Any]) -> None:
-        handler = self._direct_handler(level)
-        if handler is None:
-            if self.logger.isEnabledFor(level):
-                self.logger.log(level, message, extra={"fields": fields})
-            return
-        if handler.log_format == "json":
+    def request(
+        self,
+        level: int,
+        client: str | None,
+        method: str,
+        target: str,
+        status: int,
+        bytes_out: int,
+        duration: float,
+        route: str | None,
+        upstream_status: int | None,
+        token_fp: str | None,
+        request_id: str | None,
+        error: str | None,
+        worker: int | None = None,
+    ) -> None:
+        """One request's line. In JSON mode (and for other handlers, as the record's ``fields``) the same facts
+        are keys of their own."""
+        now = time.time()
+        if int(now) != self._second:
+            self._new_second(now)
+        duration_ms = round(duration * 1000, 2)
+        message = access_log_message(
+            client, method, target, status, bytes_out, duration_ms, route, upstream_status, token_fp, request_id, error
+        )
+        if worker is not None:  # only with several worker processes
+            message += f" worker={worker}"
+        handler = self._direct if level == logging.INFO else self._direct_handler(level)
+        roots = logging.root.handlers
+        if handler is not None and len(roots) == 1 and roots[0] is handler and self.logger.isEnabledFor(level):
+            if handler.log_format != "json":
+                if level == logging.INFO:
+                    self._append(self._info_prefix + message)
+                else:
+                    self._append(f"{self._stamp} {logging.getLevelName(level):<7} {message}")
+                return
             entry: dict[str, Any] = {
-                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
                 "level": logging.getLevelName(level).lower(),
                 "logger": self.logger.name,
                 "message": message,
             }
-            entry.update(fields)
-            line = json.dumps(entry, ensure_ascii=False, default=str)
+        elif self.logger.isEnabledFor(level):
+            entry = {}
         else:
-            line = f"{self._stamp_text()} {logging.getLevelName(level):<7} {message}"
+            return
+        fields: dict[str, Any] = {
+            "client": client or "-",
+            "method": method,
+            "path": target,
+            "status": status,
+            "bytes": bytes_out,
+            "duration_ms": duration_ms,
+            "route": route or "-",
+            "upstream_status": upstream_status,
+            "token_fp": token_fp or "-",
+            "request_id": request_id or "-",
+        }
+        if error:
+            fields["error"] = error
+        if worker is not None:
+            fields["worker"] = worker
+        if not entry:
+            self.logger.log(level, message, extra={"fields": fields})
+            return
+        entry.update(fields)
+        self._append(json.dumps(entry, ensure_ascii=False, default=str))
+
+    def _new_second(self, now: float) -> None:
+        """Once a second: the text time stamp (to the second), and whether lines may bypass ``logging``."""
+        self._second = int(now)
+        self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
+        self._info_prefix = f"{self._stamp} INFO    "  # as TextFormatter writes it
+        self._direct = self._direct_handler(logging.INFO)
+
+    def _append(self, line: str) -> None:
         self._lines.append(line)
         if len(self._lines) >= self.FLUSH_LINES:
             self.flush()
@@ -174,15 +223,6 @@ class AccessLog:
                 self.flush()
                 return
             self._flush_handle = loop.call_later(self.FLUSH_DELAY, self.flush)
-
-    def _stamp_text(self) -> str:
-        """The text formatter's time stamp (to the second), computed once a second."""
-        now = time.time()
-        second = int(now)
-        if second != self._stamp_second:
-            self._stamp_second = second
-            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now))
-        return self._stamp
 
     def flush(self) -> None:
         if self._flush_handle is not None:

@@ -269,6 +269,8 @@ class ProxyMetrics:
         # prometheus-client objects take a lock and validate per call, several microseconds per request
         self._requests = _RequestCollector(REQUEST_BUCKETS)
         reg.register(self._requests)
+        #: (route, method, status, seconds, bytes in, bytes out): the collector's own method, one call per request
+        self.request_finished: Callable[[str, str, int, float, int, int], None] = self._requests.finished
         self.token_fetches_total = Counter(
             "token_fetches_total",
             "Token endpoint requests, by outcome (ok, invalid_client, network, timeout, tls, bad_response, ...).",
@@ -325,17 +327,6 @@ class ProxyMetrics:
 
     def request_started(self, route: str) -> None:
         self._requests.started(route)
-
-    def request_finished(
-        self,
-        route: str,
-        method: str,
-        status: int,
-        seconds: float,
-        bytes_in: int,
-        bytes_out: int,
-    ) -> None:
-        self._requests.finished(route, method, status, seconds, bytes_in, bytes_out)
 
     # -- tokens -----------------------------------------------------------------------------------
 

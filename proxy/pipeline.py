@@ -298,10 +298,16 @@ class Pipeline:
         added: list[bytes] = []
         for flt in self.chain.on_upstream_headers:
             flt.upstream_headers(ex, added)  # first: a filter may also drop the client's own version
-        drop = ex.drop
+        drop, replaced = ex.drop, self.chain.replaces
         listed = connection_listed(head.headers) if head.header(b"connection") is not None else ()
         for lname, name, value in head.headers:
-            if lname in _REQUEST_DROP or lname in listed or lname in drop or lname.startswith(b"proxy-"):
+            if (
+                lname in _REQUEST_DROP
+                or lname in replaced
+                or lname in drop
+                or lname in listed
+                or lname.startswith(b"proxy-")
+            ):
                 continue
             lines.append(b"%s: %s\r\n" % (name, value))
         lines.extend(ex.extra)

@@ -21,17 +21,21 @@ class Secret:
     Call :meth:`reveal` at the one place where the real value must go on the wire.
     """
 
-    __slots__ = ("_value",)
+    __slots__ = ("_fingerprint", "_value")
 
     def __init__(self, value: str) -> None:
         self._value = value
+        self._fingerprint: str | None = None
 
     def reveal(self) -> str:
         return self._value
 
     @property
     def fingerprint(self) -> str:
-        return fingerprint(self._value)
+        """Worked out once: the access log shows the token's on every line."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self._value)
+        return self._fingerprint
 
     def __repr__(self) -> str:
         return f"Secret(sha256:{self.fingerprint})"

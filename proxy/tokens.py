@@ -65,6 +65,13 @@ class Token:
     scope: str | None = None
     via_invalidation: bool = False  # fetched because the upstream rejected its predecessor
 
+    #: treated as expired a little early (clock skew, latency): min(30 s, 10 % of its life) before it expires;
+    #: worked out once, since every request asks
+    usable_until: float = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "usable_until", self.expires_at - min(30.0, 0.1 * self.lifetime))
+
     @property
     def fingerprint(self) -> str:
         return self.value.fingerprint
@@ -72,11 +79,6 @@ class Token:
     @property
     def expires_at(self) -> float:
         return self.obtained_at + self.lifetime
-
-    @property
-    def usable_until(self) -> float:
-        """Treat the token as expired a little early (clock skew, latency): min(30 s, 10 % of its life)."""
-        return self.expires_at - min(30.0, 0.1 * self.lifetime)
 
     @property
     def refresh_at(self) -> float:

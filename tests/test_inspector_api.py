@@ -589,8 +589,27 @@ def test_ring_keeps_the_newest_in_order_and_forgets_the_oldest() -> None:
     assert len(ring) == 0 and list(ring) == []
     for seq in range(1, 11):
         upstream = None if seq % 2 else 200 + seq
-        objects = ("GET", f"/t/{seq}", b"", None, "r", None, None, f"id-{seq}", (), None)
-        ring.put(seq, 1000.0 + seq, seq / 1000, 200, upstream, seq, 10 * seq, 0, objects)
+        numbers = (seq, 1000.0 + seq, seq / 1000)
+        ring.put(
+            (
+                *numbers,
+                "GET",
+                f"/t/{seq}",
+                b"",
+                None,
+                200,
+                upstream,
+                seq,
+                10 * seq,
+                "r",
+                None,
+                None,
+                f"id-{seq}",
+                (),
+                0,
+                None,
+            )
+        )
     assert len(ring) == 4
     assert [entry[0] for entry in ring] == [7, 8, 9, 10]
     assert [entry[0] for entry in reversed(ring)] == [10, 9, 8, 7]

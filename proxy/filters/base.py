@@ -42,6 +42,9 @@ class Filter:
     """Base class: every hook does nothing. Override the ones the filter needs."""
 
     name = "filter"
+    #: client request headers this filter always replaces with its own: never forwarded as the client sent them
+    #: (per request, ``Exchange.dont_forward``)
+    replaces: frozenset[bytes] = frozenset()
     #: the answer statuses ``on_answer`` acts on; the core calls it for no other
     answer_statuses: frozenset[int] = frozenset()
 
@@ -90,6 +93,7 @@ class Chain:
 
     def __init__(self, filters: Sequence[Filter]) -> None:
         self.filters = tuple(filters)
+        self.replaces = frozenset().union(*(f.replaces for f in self.filters))
 
         def pick(hook: str) -> tuple[Filter, ...]:
             return tuple(f for f in self.filters if _overrides(f, hook))

@@ -57,11 +57,11 @@ class CsrfFilter(Filter):
         if cached is None:
             return
         out.append(f"{CSRF_HEADER}: {cached[CSRF_HEADER]}\r\n".encode("latin-1"))
-        ex.drop.add(b"x-csrf-token")
+        ex.dont_forward(b"x-csrf-token")
         client_cookie = ex.head.view.get("Cookie")
         cookie = merge_cookie_header(client_cookie, session.cookies)
         if cookie:
-            ex.drop.add(b"cookie")
+            ex.dont_forward(b"cookie")
             out.append(f"Cookie: {cookie}\r\n".encode("latin-1"))
 
     async def on_answer(self, ex: Exchange, head: ResponseHead) -> bool | Reply:

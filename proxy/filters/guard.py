@@ -22,7 +22,7 @@ class GuardFilter(Filter):
         if refusal is not None:
             return refusal
         ex.cors_origin = cors_origin
-        ex.drop.update(self._dropped)
+        ex.dont_forward(*self._dropped)
         return None
 
     def response_headers(self, ex: Exchange, out: list[bytes], answer: ResponseHead | None = None) -> None:

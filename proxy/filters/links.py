@@ -70,9 +70,9 @@ class LinksFilter(Filter):
         value = ex.head.header(b"accept-encoding")
         if value is not None:
             narrowed = narrowed_accept_encoding(value.decode("latin-1"))
-            ex.drop.add(b"accept-encoding")
+            ex.dont_forward(b"accept-encoding")
             if narrowed:
-                ex.extra.append(f"Accept-Encoding: {narrowed}\r\n".encode("latin-1"))
+                ex.extra += (f"Accept-Encoding: {narrowed}\r\n".encode("latin-1"),)
         return None
 
     def request_body(self, ex: Exchange, data: bytes) -> bytes:

@@ -12,7 +12,7 @@ from proxy.exchange import Exchange
 from proxy.filters.base import Filter
 from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import ResponseHead
-from proxy.logs import AccessLog, access_log_line
+from proxy.logs import AccessLog
 from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
 
@@ -28,6 +28,7 @@ class ObserveFilter(Filter):
     """
 
     name = "observe"
+    replaces = frozenset({b"x-request-id"})  # ours (or the client's own, vetted) goes up instead
 
     def __init__(
         self,
@@ -48,7 +49,6 @@ class ObserveFilter(Filter):
         self._line_prefix = f"X-Request-Id: {self._prefix}-".encode()
 
     def request(self, ex: Exchange) -> None:
-        ex.drop.add(b"x-request-id")
         incoming = ex.head.header(b"x-request-id")
         if incoming:
             text = incoming.decode("latin-1")
@@ -73,29 +73,30 @@ class ObserveFilter(Filter):
         route = ex.route.name if ex.route is not None else None
         if route is not None:
             self.metrics.request_finished(route, head.method, ex.status, duration, ex.bytes_in, ex.bytes_out)
-        if self.access_log is None:
+        access_log = self.access_log
+        if access_log is None:
             return
-        target = head.target if self.log_query else head.target.partition("?")[0]
+        target = head.target
+        if not self.log_query:
+            target = target.partition("?")[0]
         if self._api_key and self._api_key in target:
             target = target.replace(self._api_key, "[redacted]")  # a client put the key in the URL
-        message, fields = access_log_line(
-            client=ex.conn.peer,
-            method=head.method,
-            target=target,
-            status=ex.status,
-            bytes_out=ex.bytes_out,
-            duration=duration,
-            route=route,
-            upstream_status=ex.upstream_status,
-            token_fp=ex.token_fp,
-            request_id=ex.request_id,
-            error=ex.error,
+        token = ex.token
+        access_log.request(
+            logging.DEBUG if head.target.startswith(ADMIN_PREFIX) else logging.INFO,
+            ex.conn.peer,
+            head.method,
+            target,
+            ex.status,
+            ex.conn.bytes_out,
+            duration,
+            route,
+            ex.upstream_status,
+            token.fingerprint if token is not None else None,
+            ex.request_id,
+            ex.error,
+            self.worker,
         )
-        if self.worker is not None:  # only with several worker processes
-            fields["worker"] = self.worker
-            message += f" worker={self.worker}"
-        level = logging.DEBUG if head.target.startswith(ADMIN_PREFIX) else logging.INFO
-        self.access_log.log(level, message, fields)
 
 
 class InFlightFilter(Filter):

@@ -386,7 +386,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         body, self._body = self._body, None
-        if body is not None:
+        if body is not None and not body.complete:  # a bodyless request's was complete from the start
             body.finish()
 
     # ---------------------------------------------------------------- requests in turn

@@ -36,6 +36,7 @@ READ_BUFFER = 256 * 1024
 WRITE_HIGH_WATER = 512 * 1024
 IDLE_TIMEOUT = 30.0  # a pooled connection unused this long is closed (upstreams drop theirs after 60 s+)
 _NO_BODY_STATUS = frozenset({204, 304})
+MAX_HEAD = 64 * 1024  # an upstream answer whose head goes on longer than this is refused (502)
 
 
 @dataclass(frozen=True)
@@ -142,6 +143,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._interim = False
         self._until_close = False
         self._reset_parser = False
+        self._head_size = 0  # bytes read while the answer's head was not complete
         self._head_waiter: asyncio.Future[ResponseHead] | None = None
         self._done_waiter: asyncio.Future[None] | None = None
         #: called once, from the read callback, when the answer's head is here or the attempt failed: the
@@ -168,6 +170,18 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(502, "upstream_protocol_error", f"the upstream's answer is not valid HTTP: {exc}"))
             self.abort()
+        else:
+            if self.head is None:  # counted per read, not per header: a head without end must not fill memory
+                self._head_size += nbytes
+                if self._head_size > MAX_HEAD:
+                    self._fail(
+                        UpstreamError(
+                            502,
+                            "upstream_protocol_error",
+                            f"the upstream's answer head is longer than {MAX_HEAD} bytes",
+                        )
+                    )
+                    self.abort()
         if self._reset_parser:
             self._reset_parser = False
             self.parser = httptools.HttpResponseParser(self)

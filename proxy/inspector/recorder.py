@@ -1,11 +1,11 @@
 """What the inspector remembers: the last 500 exchanges and 5 minutes of request rate and latency, in memory.
 
-Recording runs on the request path of every request, so ``record`` only writes numbers, strings and bytes
-into preallocated storage (:class:`Ring`); dictionaries and JSON are built when somebody asks
-(``proxy.inspector.api``). The header lists are packed into one ``bytes`` each (``Name: value`` lines), and
-for a successful exchange only while somebody looks at the inspector (``watched``): keeping every request's
-headers, as tuples, for 500 requests cost about 15 µs per small GET end to end (``bench/run``: 79 vs 63 µs of
-CPU), holding 500 entries as tuples about 5 µs more than this storage. Latency samples are kept per 5-second
+Recording runs on the request path of every request, so ``record`` builds one flat tuple of numbers, strings
+and bytes and puts it into a preallocated list (:class:`Ring`); dictionaries and JSON are built when somebody
+asks (``proxy.inspector.api``). The header lists are packed into one ``bytes`` each (``Name: value`` lines),
+and for a successful exchange only while somebody looks at the inspector (``watched``): keeping every
+request's headers as lists of tuples (objects the garbage collector keeps visiting) cost about 15 µs per small
+GET end to end. Latency samples are kept per 5-second
 bucket in an array, at most ``SAMPLE_CAP`` of them (the newest), and turned into p50/p99 when the bucket
 closes, so memory stays bounded whatever the load. Nothing is written to disk, and request or response bodies
 are never referenced.
@@ -17,12 +17,11 @@ One recorder lives as long as the process serves with the inspector on: a reload
 from __future__ import annotations
 
 import secrets
-import struct
 import time
 from array import array
 from collections import deque
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Final, cast
+from typing import TYPE_CHECKING, Final
 
 from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Header
@@ -58,6 +57,27 @@ Entry = tuple[
     int,  # FLAGS: SENT_UPSTREAM | CSRF_ADDED | COOKIE_ADDED
     str | None,  # TOKEN_FP
 ]
+# as the ring stores it: the token itself where Entry has its fingerprint
+Stored = tuple[
+    int,
+    float,
+    float,
+    str,
+    str,
+    bytes,
+    bytes | None,
+    int,
+    int | None,
+    int,
+    int,
+    str | None,
+    str | None,
+    str | None,
+    str,
+    tuple[bytes, ...],
+    int,
+    "Token | None",
+]
 # the fields' positions (``Final``: a type checker knows each field's type)
 SEQ: Final = 0
 TIME: Final = 1
@@ -89,54 +109,21 @@ WATCH_S = 600  # after the last look at the inspector (page, JSON or event strea
 Bucket = tuple[int, int, float | None, float | None]
 
 
-_NUMBERS = struct.Struct("=qddqqqqq")  # seq, time, duration, status, upstream status (-1: none), in, out, flags
-_NUMBERS_SIZE = _NUMBERS.size
-_OBJECTS = 10  # method, target, headers, answer, route, replayed, error, request id, extra, token fingerprint
-
-
 class Ring:
-    """The last ``size`` exchanges in preallocated storage: numbers packed into one bytearray, the rest in slots
-    of one list, overwritten in place. Holding 500 exchanges as tuples (each with its own float and int objects)
-    cost about 5 µs per request end to end — memory the allocator and the caches had to cycle through — where
-    this keeps only the strings that are new per request. Read like a deque of :data:`Entry` (oldest first);
-    the tuples are built when somebody asks."""
+    """The last ``size`` exchanges, oldest first, in a preallocated list overwritten in place: one flat tuple per
+    exchange, of strings, numbers and bytes only (the garbage collector stops tracking such a tuple at its first
+    collection, so 500 of them cost it nothing). The token is kept as the object, its fingerprint worked out
+    when somebody reads the entry. Read like a deque of :data:`Entry`."""
 
     def __init__(self, size: int) -> None:
         self.maxlen = size
         self.last = 0  # the seq of the newest exchange (0: none yet)
-        self.numbers = bytearray(_NUMBERS.size * size)
-        self.objects: list[object] = [None] * (_OBJECTS * size)
+        self.slots: list[Stored | None] = [None] * size
 
-    def put(
-        self,
-        seq: int,
-        started: float,
-        duration: float,
-        status: int,
-        upstream_status: int | None,
-        bytes_in: int,
-        bytes_out: int,
-        flags: int,
-        objects: tuple[object, ...],
-    ) -> None:
-        """Store exchange ``seq`` (one more than the last), overwriting the oldest when full; ``objects`` are the
-        method, target, headers, answer headers, route, replayed, error, request id, extra lines, token
-        fingerprint."""
-        slot = (seq - 1) % self.maxlen
-        _NUMBERS.pack_into(
-            self.numbers,
-            slot * _NUMBERS_SIZE,
-            seq,
-            started,
-            duration,
-            status,
-            -1 if upstream_status is None else upstream_status,
-            bytes_in,
-            bytes_out,
-            flags,
-        )
-        start = slot * _OBJECTS
-        self.objects[start : start + _OBJECTS] = objects
+    def put(self, entry: Stored) -> None:
+        """Store an exchange whose seq is one more than the last, overwriting the oldest when full."""
+        seq = entry[SEQ]
+        self.slots[(seq - 1) % self.maxlen] = entry
         self.last = seq
 
     def __len__(self) -> int:
@@ -148,38 +135,10 @@ class Ring:
             index += size
         if not 0 <= index < size:
             raise IndexError(index)
-        seq = self.last - size + 1 + index
-        slot = (seq - 1) % self.maxlen
-        seq, started, duration, status, upstream_status, bytes_in, bytes_out, flags = _NUMBERS.unpack_from(
-            self.numbers, slot * _NUMBERS.size
-        )
-        start = slot * _OBJECTS
-        method, target, headers, answer, route, replayed, error, request_id, extra, token_fp = self.objects[
-            start : start + _OBJECTS
-        ]
-        return cast(
-            Entry,
-            (
-                seq,
-                started,
-                duration,
-                method,
-                target,
-                headers,
-                answer,
-                status,
-                None if upstream_status < 0 else upstream_status,
-                bytes_in,
-                bytes_out,
-                route,
-                replayed,
-                error,
-                request_id,
-                extra,
-                flags,
-                token_fp,
-            ),
-        )
+        stored = self.slots[(self.last - size + index) % self.maxlen]
+        assert stored is not None
+        token = stored[TOKEN_FP]
+        return (*stored[:TOKEN_FP], token.fingerprint if token is not None else None)
 
     def __iter__(self) -> Iterator[Entry]:
         return (self[i] for i in range(len(self)))
@@ -226,8 +185,6 @@ class Recorder:
         self._count = 0
         self._samples = array("d")
         self._watched_until = 0.0  # perf_counter until which every exchange's headers are kept
-        self._token: Token | None = None  # the last token seen, and its fingerprint
-        self._token_fp: str | None = None
         self._open_bucket(time.perf_counter())
 
     # ---------------------------------------------------------------- the request path
@@ -250,52 +207,45 @@ class Recorder:
         seq = self.seq = self.seq + 1
         route = ex.route
         up = ex.upstream
-        answer = None
         status = ex.status
-        keep = now < self._watched_until or not 200 <= status < 400 or ex.error is not None
-        flags = 0 if keep else NO_HEADERS
+        flags = 0
+        headers = b""
+        answer = None
+        if now < self._watched_until or not 200 <= status < 400 or ex.error is not None:
+            headers = pack_headers(head.headers)
+            if up is not None and ex.upstream_status is not None and up.head is not None:
+                answer = pack_headers(up.head.headers)  # the client got this answer; it stays until the next use
+        else:
+            flags = NO_HEADERS
         if up is not None:
             flags |= SENT_UPSTREAM
-            if ex.upstream_status is not None:  # the client got this answer; the head stays until the next use
-                answered = up.head
-                if answered is not None and keep:
-                    answer = pack_headers(answered.headers)
             if ex.csrf_key is not None:
                 drop = ex.drop
                 if b"x-csrf-token" in drop:
                     flags |= CSRF_ADDED
                 if b"cookie" in drop:
                     flags |= COOKIE_ADDED
-        token = ex.token
-        if token is None:
-            token_fp = None
-        elif token is self._token:
-            token_fp = self._token_fp
-        else:  # a hash per token, not per request
-            token_fp = self._token_fp = token.fingerprint
-            self._token = token
-        extra = ex.extra
         self.ring.put(
-            seq,
-            started + self._offset,
-            duration,
-            status,
-            ex.upstream_status,
-            ex.bytes_in,
-            ex.conn.bytes_out,
-            flags,
             (
+                seq,
+                started + self._offset,
+                duration,
                 head.method,
                 target,
-                pack_headers(head.headers) if keep else b"",
+                headers,
                 answer,
+                status,
+                ex.upstream_status,
+                ex.bytes_in,
+                ex.conn.bytes_out,
                 route.name if route is not None else None,
                 ex.replayed,
                 ex.error,
                 ex.request_id,
-                tuple(extra) if extra else (),
-                token_fp,
-            ),
+                ex.extra,
+                flags,
+                ex.token,
+            )
         )
         if now >= self._bucket_end:
             self._close_bucket(now)
