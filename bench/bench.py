@@ -739,7 +739,8 @@ class Bench:
         self.procs = Processes()
         self.tmp = Path(tempfile.mkdtemp(prefix="odata-bench-"))
         self.targets: dict[str, Target] = {}
-        self.get_results: dict[tuple[str, int], WrkResult] = {}
+        self.get_results: dict[tuple[str, int], WrkResult] = {}  # the median round of each (target, conns)
+        self.get_rounds: dict[tuple[str, int], list[WrkResult]] = {}  # every round, in the order run
         self.downloads: dict[str, Transfer] = {}
         self.uploads: dict[str, Transfer] = {}
         self.idle: dict[str, IdleResult] = {}
@@ -923,22 +924,28 @@ class Bench:
         return parse_wrk(result.stdout)
 
     def run_gets(self) -> None:
+        """``--get-rounds`` rounds; in each, all targets at one concurrency, then the next (interleaved, so drift
+        hits every target alike), in reverse order every other round. Each (target, conns) reports the round
+        with the median req/s: on this shared machine one run can be 25 % off, a median of three rarely is."""
         a = self.args
-        # interleaved (all targets at one concurrency, then the next) so drift hits every target alike
-        for conns in a.connections:
-            for name in TARGETS:
-                target = self.targets.get(name)
-                if target is None:
-                    continue
-                if a.warmup > 0:
-                    self.wrk(target, conns, a.warmup)
-                res = self.wrk_with_cpu(target, conns, a.duration)
-                self.get_results[(name, conns)] = res
-                cpu = "" if res.cpu_us is None else f"  CPU {res.cpu_us:6.1f} µs/req"
-                log(
-                    f"GET {TARGET_LABEL[name]:>31} c={conns:<3} {res.rps:9.0f} req/s  p50 {res.p50:6.3f} ms  "
-                    f"p99 {res.p99:6.2f} ms{cpu}  failures {res.failures}"
-                )
+        for round_no in range(a.get_rounds):
+            order = TARGETS if round_no % 2 == 0 else tuple(reversed(TARGETS))
+            for conns in a.connections:
+                for name in order:
+                    target = self.targets.get(name)
+                    if target is None:
+                        continue
+                    if a.warmup > 0 and round_no == 0:
+                        self.wrk(target, conns, a.warmup)
+                    res = self.wrk_with_cpu(target, conns, a.duration)
+                    runs = self.get_rounds.setdefault((name, conns), [])
+                    runs.append(res)
+                    self.get_results[(name, conns)] = sorted(runs, key=lambda r: r.rps)[(len(runs) - 1) // 2]
+                    cpu = "" if res.cpu_us is None else f"  CPU {res.cpu_us:6.1f} µs/req"
+                    log(
+                        f"GET {TARGET_LABEL[name]:>31} c={conns:<3} {res.rps:9.0f} req/s  p50 {res.p50:6.3f} ms  "
+                        f"p99 {res.p99:6.2f} ms{cpu}  failures {res.failures}  (round {round_no + 1}/{a.get_rounds})"
+                    )
 
     def wrk_with_cpu(self, target: Target, conns: int, duration: int) -> WrkResult:
         """A wrk run, with the CPU the proxying process(es) used during it divided by the requests made."""
@@ -1396,7 +1403,8 @@ def report_header(bench: Bench) -> list[str]:
         mode += f", --only {a.only}"
     out = ["# odata-auth-proxy benchmark results", ""]
     out += [
-        f"Mode: **{mode}**; small GETs {a.duration} s each after a {a.warmup} s warm-up, wrk -t{a.wrk_threads}; "
+        f"Mode: **{mode}**; small GETs {a.duration} s each, {a.get_rounds} round(s), after a {a.warmup} s warm-up, "
+        f"wrk -t{a.wrk_threads}; "
         f"download {a.download_bytes // MIB} MiB, upload {a.upload_bytes // MIB} MiB (chunked), best of "
         f"{a.transfer_runs} runs (naive: 1); {a.idle_connections:,} idle keep-alive connections; "
         f"whole run {time.monotonic() - bench.started:.0f} s. MB = 10^6 bytes. `odata-auth-proxy` runs with the "
@@ -1414,11 +1422,18 @@ def get_section(bench: Bench) -> list[str]:
     g = bench.get_results
     if not g:
         return []
+    rounds = bench.args.get_rounds
     out = ["## Small GET (~1 KB JSON), keep-alive", ""]
+    if rounds > 1:
+        out += [
+            f"Each row is the median of {rounds} rounds by req/s (every round's req/s in the last column; "
+            "the other columns are the median round's); failures are summed over the rounds.",
+            "",
+        ]
     out += [
         "| target | conns | req/s | × direct | × nginx | × naive | p50 ms | p99 ms | p99 added vs direct "
-        "| CPU µs/req | failed |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| CPU µs/req | failed | rounds (req/s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for conns in bench.args.connections:
         direct = g.get(("direct", conns))
@@ -1429,9 +1444,12 @@ def get_section(bench: Bench) -> list[str]:
                 continue
             added = f"{r.p99 - direct.p99:+.2f} ms" if direct and name != "direct" else "–"
             ratios = " | ".join(fmt_ratio(r.rps, rps.get(n)) for n in ("direct", "nginx", "naive"))
+            runs = bench.get_rounds.get((name, conns), [r])
+            failed = sum(run.failures for run in runs)
+            every = " / ".join(f"{run.rps:,.0f}" for run in runs)
             out.append(
                 f"| {TARGET_LABEL[name]} | {conns} | {r.rps:,.0f} | {ratios} | "
-                f"{r.p50:.3f} | {r.p99:.2f} | {added} | {fmt_cpu(r)} | {r.failures} |"
+                f"{r.p50:.3f} | {r.p99:.2f} | {added} | {fmt_cpu(r)} | {failed} | {every} |"
             )
     out += [
         "",
@@ -1695,7 +1713,11 @@ def idle_row(bench: Bench) -> Row:
 
 def proxy_failures(bench: Bench) -> list[tuple[str, int]]:
     """(what, failed) for every measurement made through an odata-auth-proxy instance."""
-    parts = [(f"GET {name} c={conns}", r.failures) for (name, conns), r in bench.get_results.items() if name in PROXIES]
+    parts = [
+        (f"GET {name} c={conns}", sum(r.failures for r in runs))
+        for (name, conns), runs in bench.get_rounds.items()
+        if name in PROXIES
+    ]
     for label, results in (("download", bench.downloads), ("upload", bench.uploads)):
         parts += [(f"{label} {name}", 0 if t.ok else 1) for name, t in results.items() if name in PROXIES]
     parts += [(f"idle {name}", r.failures) for name, r in bench.idle.items() if name in PROXIES]
@@ -1849,8 +1871,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"({', '.join(TESTS)}); "
         "a list of only tests runs them for every target and vice versa",
     )
-    p.add_argument("--duration", type=int, help="seconds per small-GET run (default 10, quick 2)")
-    p.add_argument("--warmup", type=int, help="warm-up seconds before each small-GET run (default 2, quick 1)")
+    p.add_argument("--duration", type=int, help="seconds per small-GET run (default 6, quick 2)")
+    p.add_argument("--get-rounds", type=int, help="small-GET rounds; each row reports the median (default 3, quick 1)")
+    p.add_argument(
+        "--warmup", type=int, help="warm-up seconds before each target's first small-GET run (default 2, quick 1)"
+    )
     p.add_argument("--connections", default="1,16,64", help="small-GET concurrency levels")
     p.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (the machine may have few cores)")
     p.add_argument("--download-size", type=parse_size, help="download size (default 1G, quick 64M)")
@@ -1872,7 +1897,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="Markdown output (default bench/RESULTS.md, or bench/out/ when partial)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs) for inspection")
     a = p.parse_args(argv)
-    a.duration = a.duration or (2 if a.quick else 10)
+    a.duration = a.duration or (2 if a.quick else 6)
+    a.get_rounds = max(1, a.get_rounds or (1 if a.quick else 3))
     a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     a.download_bytes = a.download_size or (64 * MIB if a.quick else 1024 * MIB)
     a.upload_bytes = a.upload_size or (64 * MIB if a.quick else 256 * MIB)

@@ -54,7 +54,7 @@ from proxy.filters.csrf import CsrfFilter
 from proxy.filters.guard import GuardFilter
 from proxy.filters.inspect import InspectFilter
 from proxy.filters.links import LinksFilter
-from proxy.filters.observe import InFlightFilter, ObserveFilter
+from proxy.filters.observe import ObserveFilter
 from proxy.filters.route import LocationFilter, RouteFilter
 from proxy.guard import Guard, GuardedRequest, GuardSettings
 from proxy.http.heads import Reply, RequestHead
@@ -288,7 +288,6 @@ class Runtime:
                 GuardFilter(Guard(guard_settings(config))),
                 admin,
                 RouteFilter(self.router),
-                InFlightFilter(metrics),
                 LinksFilter(),
                 LocationFilter(),
                 self.csrf,

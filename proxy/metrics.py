@@ -146,17 +146,15 @@ class _RequestCollector:
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self._buckets = buckets
-        self._in_flight: dict[str, int] = {}  # by route name (from the config: bounded)
+        #: the route names of the requests in flight, asked for when scraped (the listener knows them: no
+        #: counting per request)
+        self.in_flight: Callable[[], Iterable[str]] = tuple
         # one cell per (route, method, status class) label set: [count, bytes in, bytes out, duration sum,
         # then per-bucket counts (not cumulative; the last one is +Inf)]; looked up by the raw values first
         self._cells: dict[tuple[str, str, str], list[float]] = {}
         self._by_raw: dict[tuple[str, str, int], list[float]] = {}
 
-    def started(self, route: str) -> None:
-        self._in_flight[route] = self._in_flight.get(route, 0) + 1
-
     def finished(self, route: str, method: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
-        self._in_flight[route] = self._in_flight.get(route, 0) - 1
         key = (route, method, status)
         cell = self._by_raw.get(key)
         if cell is None:
@@ -211,10 +209,10 @@ class _RequestCollector:
             f"{PREFIX}_response_bytes", "Response body bytes sent to clients.", labels=["route"]
         )
         if not empty:
-            flying: dict[str, int] = {}
-            for route, count in self._in_flight.items():
+            flying = dict.fromkeys((labels[0] for labels in self._cells), 0)  # routes seen: 0 when idle
+            for route in self.in_flight():
                 label = route_label(route)
-                flying[label] = flying.get(label, 0) + count
+                flying[label] = flying.get(label, 0) + 1
             for route, count in sorted(flying.items()):
                 in_flight.add_metric([route], count)
             per_method: dict[tuple[str, str], list[float]] = {}
@@ -325,8 +323,10 @@ class ProxyMetrics:
 
     # -- client requests --------------------------------------------------------------------------
 
-    def request_started(self, route: str) -> None:
-        self._requests.started(route)
+    def count_in_flight(self, routes: Callable[[], Iterable[str]]) -> None:
+        """``requests_in_flight{route}`` from ``routes()`` (one route name per request being answered), called
+        when scraped."""
+        self._requests.in_flight = routes
 
     # -- tokens -----------------------------------------------------------------------------------
 

@@ -178,6 +178,7 @@ class ProxyServer:
             ),
         )
         self.listener.tighten_sweep(timeouts.read)
+        self.metrics.count_in_flight(self.listener.routes_in_flight)
         try:
             if self._socks:
                 servers = [await self.listener.serve(sock=sock) for sock in self._socks]

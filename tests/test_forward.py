@@ -527,6 +527,31 @@ async def test_proxy_survives_a_client_abandoning_a_download(
     assert metric_total(text, "odata_auth_proxy_requests_in_flight") == 0
 
 
+async def test_requests_in_flight_are_counted_while_they_run(
+    proxy: RunningProxy, client: aiohttp.ClientSession
+) -> None:
+    """``requests_in_flight`` is worked out when scraped, from the requests the listener is answering."""
+    slow = [asyncio.create_task(client.get(proxy.url + "/api/v1/slow?seconds=1")) for _ in range(2)]
+    try:
+        in_flight = 0.0
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            async with client.get(proxy.url + "/-/metrics") as resp:
+                text = await resp.text()
+            in_flight = metric_total(text, 'odata_auth_proxy_requests_in_flight{route="api"}')
+            if in_flight == 2:
+                break
+        assert in_flight == 2
+    finally:
+        for resp in await asyncio.gather(*slow):
+            assert resp.status == 200
+            await resp.read()
+            resp.release()
+    async with client.get(proxy.url + "/-/metrics") as resp:
+        text = await resp.text()
+    assert metric_total(text, 'odata_auth_proxy_requests_in_flight{route="api"}') == 0
+
+
 async def test_client_abandoning_a_download_is_not_blamed_on_the_upstream(
     proxy: RunningProxy, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -48,21 +48,24 @@ def test_process_platform_gc_metrics_present() -> None:
     assert "python_gc_collections_total" in names
 
 
-def test_in_flight_goes_up_and_down() -> None:
+def test_in_flight_is_counted_when_scraped() -> None:
+    """The listener names the route of each request in flight when asked; routes seen report 0 when idle."""
     m = ProxyMetrics()
-    m.request_started("cpi")
-    m.request_started("cpi")
+    flying = ["cpi", "cpi", "other"]
+    m.count_in_flight(lambda: flying)
     assert value(m, P + "requests_in_flight", route="cpi") == 2.0
+    assert value(m, P + "requests_in_flight", route="other") == 1.0
     m.request_finished("cpi", "GET", 200, 0.01, 0, 10)
+    flying[:] = ["cpi"]
     assert value(m, P + "requests_in_flight", route="cpi") == 1.0
-    m.request_finished("cpi", "GET", 200, 0.01, 0, 10)
+    assert value(m, P + "requests_in_flight", route="other") is None
+    flying.clear()
     assert value(m, P + "requests_in_flight", route="cpi") == 0.0
 
 
 def test_request_finished_counters_and_histogram() -> None:
     m = ProxyMetrics()
     for seconds in (0.003, 0.2, 45.0):
-        m.request_started("cpi")
         m.request_finished("cpi", "POST", 201, seconds, 100, 7)
 
     assert value(m, P + "requests_total", route="cpi", method="POST", status_class="2xx") == 3.0
@@ -92,7 +95,6 @@ def test_status_class_mapping() -> None:
 
     m = ProxyMetrics()
     for status in (200, 204, 404, 503):
-        m.request_started("r")
         m.request_finished("r", "GET", status, 0.0, 0, 0)
     assert value(m, P + "requests_total", route="r", method="GET", status_class="2xx") == 2.0
     assert value(m, P + "requests_total", route="r", method="GET", status_class="4xx") == 1.0
@@ -105,7 +107,6 @@ def test_method_cardinality_and_unmatched_route() -> None:
     assert method_label("PROPFIND") == "other"
 
     m = ProxyMetrics()
-    m.request_started("")
     m.request_finished("", "BREW", 418, 0.0, 0, 0)
     assert value(m, P + "requests_total", route="none", method="other", status_class="4xx") == 1.0
     assert value(m, P + "requests_in_flight", route="none") == 0.0
@@ -173,7 +174,6 @@ def test_instances_are_independent() -> None:
     a = ProxyMetrics()
     b = ProxyMetrics()  # no "Duplicated timeseries" error
     assert a.registry is not b.registry
-    a.request_started("cpi")
     a.request_finished("cpi", "GET", 200, 0.01, 1, 2)
     a.track_token_expiry("cpi", lambda: 42.0)
     assert value(a, P + "requests_total", route="cpi", method="GET", status_class="2xx") == 1.0
@@ -185,7 +185,6 @@ def test_instances_are_independent() -> None:
 
 async def test_served_over_http() -> None:
     metrics = ProxyMetrics()
-    metrics.request_started("cpi")
     metrics.request_finished("cpi", "GET", 200, 0.02, 0, 5)
 
     async def handle(_request: web.Request) -> web.Response:

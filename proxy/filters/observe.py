@@ -24,7 +24,7 @@ class ObserveFilter(Filter):
 
     Request ids come from a random per-process prefix and a counter (unique, and ten times cheaper than
     ``uuid4``); a client's own well-formed ``X-Request-Id`` is kept and passed on. Requests in flight are
-    counted by :class:`InFlightFilter`, which runs once the route is known.
+    counted when the metrics are scraped (``Listener.routes_in_flight``), not per request.
     """
 
     name = "observe"
@@ -97,17 +97,3 @@ class ObserveFilter(Filter):
             ex.error,
             self.worker,
         )
-
-
-class InFlightFilter(Filter):
-    """Counts a routed request as in flight (``requests_in_flight``); ``ObserveFilter`` counts it done."""
-
-    name = "in_flight"
-
-    def __init__(self, metrics: ProxyMetrics) -> None:
-        self.metrics = metrics
-
-    def request(self, ex: Exchange) -> None:
-        if ex.route is not None:
-            self.metrics.request_started(ex.route.name)
-        return None

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -730,6 +730,13 @@ class Listener:
             now = time.monotonic()
             for conn in list(self.connections):
                 conn.check(now)
+
+    def routes_in_flight(self) -> Iterator[str]:
+        """The route of each request being answered now: ``requests_in_flight``, counted when scraped."""
+        for conn in self.connections:
+            ex = conn.exchange
+            if ex is not None and ex.route is not None:
+                yield ex.route.name
 
     def changed(self) -> None:
         """A request finished or a connection closed: the drain may be over."""
