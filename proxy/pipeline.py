@@ -299,7 +299,7 @@ class Pipeline:
         for flt in self.chain.on_upstream_headers:
             flt.upstream_headers(ex, added)  # first: a filter may also drop the client's own version
         drop, replaced = ex.drop, self.chain.replaces
-        listed = connection_listed(head.headers) if head.header(b"connection") is not None else ()
+        listed = connection_listed(head.headers) if head.connection else ()
         for lname, name, value in head.headers:
             if (
                 lname in _REQUEST_DROP

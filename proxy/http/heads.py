@@ -106,7 +106,17 @@ class HeaderView:
 class RequestHead:
     """One client request's head: method, target byte-exact (latin-1 text), version, headers."""
 
-    __slots__ = ("chunked", "content_length", "expect_continue", "headers", "keep_alive", "method", "target", "version")
+    __slots__ = (
+        "chunked",
+        "connection",
+        "content_length",
+        "expect_continue",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "version",
+    )
 
     def __init__(self) -> None:
         self.method = ""
@@ -117,6 +127,7 @@ class RequestHead:
         self.content_length: int | None = None
         self.chunked = False
         self.expect_continue = False
+        self.connection = False  # a Connection header came (it may name more hop-by-hop headers)
 
     @property
     def has_body(self) -> bool:

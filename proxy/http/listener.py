@@ -369,6 +369,8 @@ class ClientConnection(asyncio.Protocol):
                 head.chunked = value.strip().lower().endswith(b"chunked")
             elif lname == b"expect":
                 head.expect_continue = value.strip().lower() == b"100-continue"
+            elif lname == b"connection":
+                head.connection = True
         self._in_head = False
         body = RequestBody(self)
         if not head.has_body:
@@ -429,7 +431,8 @@ class ClientConnection(asyncio.Protocol):
                         self._close()
                     else:
                         self.last_read = time.monotonic()  # the idle clock starts now
-                        self._resume(_PAUSE_PIPELINE)
+                        if self._paused & _PAUSE_PIPELINE:
+                            self._resume(_PAUSE_PIPELINE)
                     return
                 item = self._queue.popleft()
                 self.response_started = False
