@@ -11,6 +11,7 @@ requests: the figure to watch when changing the request path (``bench/run`` give
     bench/.venv/bin/python bench/micro.py --floor         # listener and task only: the floor
     bench/.venv/bin/python bench/micro.py --no-ui         # without the inspector (ui: false), to compare
     bench/.venv/bin/python bench/micro.py --access-log    # with the access log (text, to /dev/null)
+    bench/.venv/bin/python bench/micro.py --page-open     # as if an inspector page were open (see --help)
     bench/.venv/bin/python bench/micro.py --profile       # cProfile, top functions
 
 The machine is shared and noisy: each run repeats ``--rounds`` times and reports the best.
@@ -40,6 +41,7 @@ from proxy.filters.base import Chain
 from proxy.http.heads import RequestHead
 from proxy.http.listener import ClientConnection, RequestBody
 from proxy.http.upstream import Origin, UpstreamConnection
+from proxy.inspector.events import request_event
 from proxy.logs import ACCESS_LOGGER, setup_logging
 from proxy.redact import Secret
 from proxy.server import ProxyServer
@@ -135,12 +137,20 @@ async def measure(args: argparse.Namespace) -> float:
         server.listener.handler = trivial
     conn = server.listener.protocol()
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    inspector = runtime.inspector
+    page_open = args.page_open and inspector is not None
+    if page_open:
+        assert inspector is not None
+        inspector.recorder.watched()  # every request keeps its headers, as while a page looks
 
     async def run(count: int) -> None:
-        for _ in range(count):
+        for number in range(count):
             conn.data_received(REQUEST)
             while conn.busy:
                 await asyncio.sleep(0)
+            if page_open and number % PAGE_EVENT_EVERY == 0:
+                assert inspector is not None
+                request_event(inspector, inspector.recorder.ring[-1])
 
     await run(2000)  # warm up: pooled connection, caches
     profile = cProfile.Profile() if args.profile else None
@@ -157,6 +167,11 @@ async def measure(args: argparse.Namespace) -> float:
     return per_request
 
 
+#: with --page-open, one request event is built per this many requests: the event stream sends at most 400 a
+#: second (100 per 0.25-s tick), about one per 40 requests at 16,000 requests a second
+PAGE_EVENT_EVERY = 40
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=20000)
@@ -165,6 +180,12 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true")
     parser.add_argument("--no-ui", action="store_true", help="ui: false (no inspector recording)")
     parser.add_argument("--access-log", action="store_true", help="access log on (text format, to /dev/null)")
+    parser.add_argument(
+        "--page-open",
+        action="store_true",
+        help="as if an inspector page were open: headers kept for every request, a request event built for one "
+        f"request in {PAGE_EVENT_EVERY}",
+    )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if args.access_log:  # the proxy's own handler, as `run` sets it up; only the access logger speaks

@@ -32,6 +32,8 @@ class Exchange:
         "cors_origin",
         "csrf_key",
         "drop",
+        "duration",
+        "ended",
         "error",
         "extra",
         "head",
@@ -54,6 +56,8 @@ class Exchange:
         self.head = head
         self.body = body
         self.started = time.perf_counter()
+        self.ended = 0.0  # set by the forwarding core when the exchange is over, before the filters observe it
+        self.duration = 0.0  # ended - started (seconds)
         self.request_id = "-"
         self.request_id_line = b""  # the X-Request-Id header line, sent upstream and back to the client
         self.route: Route | None = None

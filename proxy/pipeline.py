@@ -12,6 +12,7 @@ answer goes back either whole in one write (small sized bodies: an upstream that
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -161,6 +162,8 @@ class Pipeline:
         try:
             if ex.status == 0:
                 ex.status = 500 if ex.error is None else 502
+            ended = ex.ended = time.perf_counter()  # one clock reading for every filter that observes the end
+            ex.duration = ended - ex.started
             for flt in self.chain.on_finished:
                 flt.finished(ex)
         finally:

@@ -6,7 +6,6 @@ import itertools
 import logging
 import re
 import secrets
-import time
 
 from proxy.exchange import Exchange
 from proxy.filters.base import Filter
@@ -68,7 +67,7 @@ class ObserveFilter(Filter):
         out.append(ex.request_id_line)
 
     def finished(self, ex: Exchange) -> None:
-        duration = time.perf_counter() - ex.started
+        duration = ex.duration
         head = ex.head
         route = ex.route.name if ex.route is not None else None
         if route is not None:

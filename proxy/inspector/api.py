@@ -51,7 +51,6 @@ from proxy.inspector.recorder import (
     WINDOW_S,
     Entry,
     Recorder,
-    unpack_headers,
 )
 from proxy.redact import REDACTED, Redactor, Secret
 from proxy.tokens import TokenError, TokenManager, credential_secrets
@@ -244,7 +243,7 @@ class InspectorApi:
             return None
         redactor = self._redactor()
         item = self.summary(entry)
-        request = [self._header(name, value, redactor) for name, value in unpack_headers(entry[HEADERS])]
+        request = [self._header(name, value, redactor) for _, name, value in entry[HEADERS]]
         added: list[list[str]] = []
         for line in entry[EXTRA]:
             name, _, value = line.rstrip(b"\r\n").partition(b":")
@@ -261,8 +260,7 @@ class InspectorApi:
         answer = entry[ANSWER]
         item["request_headers"] = request + added
         item["proxy_added"] = [name for name, _ in added]
-        shown = unpack_headers(answer) if answer is not None else []
-        item["response_headers"] = [self._header(name, value, redactor) for name, value in shown]
+        item["response_headers"] = [self._header(name, value, redactor) for _, name, value in answer or ()]
         item["headers_kept"] = not flags & NO_HEADERS
         if flags & NO_HEADERS:
             item["request_headers"] = item["response_headers"] = []

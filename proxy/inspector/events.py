@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from proxy.inspector.api import InspectorApi
-from proxy.inspector.recorder import SEQ
+from proxy.inspector.recorder import SEQ, Entry
 
 TICK = 0.25
 ROUTES_EVERY = 1.0
@@ -54,6 +54,11 @@ class Sink(Protocol):
 def _event(name: str, data: dict[str, Any], event_id: int | None = None) -> bytes:
     head = f"event: {name}\nid: {event_id}\n" if event_id is not None else f"event: {name}\n"
     return (head + "data: " + json.dumps(data, separators=(",", ":")) + "\n\n").encode()
+
+
+def request_event(api: InspectorApi, entry: Entry) -> bytes:
+    """One ``request`` event: the entry's summary, with its ``seq`` as the event id."""
+    return _event("request", api.summary(entry), entry[SEQ])
 
 
 def resume_point(last_event_id: str | None, since: str | None, newest: int) -> int:
@@ -108,7 +113,7 @@ async def stream_events(
             if dropped:
                 parts.append(_event("dropped", {"count": dropped}))
                 dropped = 0
-            parts.extend(_event("request", api.summary(entry), entry[SEQ]) for entry in fresh)
+            parts.extend(request_event(api, entry) for entry in fresh)
             if now >= next_routes:
                 parts.append(_event("routes", api.routes()))
                 next_routes = now + ROUTES_EVERY
