@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,8 +23,9 @@ from aiohttp import web
 
 from proxy.app import prepare
 from proxy.config import Overrides, merge_overrides, overrides_from_env
+from proxy.http.heads import RequestHead
 from proxy.inspector.events import stream_events
-from proxy.inspector.recorder import MAX_STREAMS, RING_SIZE, Recorder, Ring
+from proxy.inspector.recorder import BUCKET_S, MAX_STREAMS, RING_SIZE, Recorder, Ring
 from proxy.server import ProxyServer
 from tests.conftest import Backend, free_port, make_config, running_proxy, secret_route, serve
 
@@ -549,17 +551,43 @@ async def test_admin_port_event_stream_ends_when_the_proxy_drains(tmp_path: Path
         await server.stop()
 
 
+class FinishedExchange:
+    """What ``Recorder.record`` reads of a finished exchange (a plain GET the proxy answered itself)."""
+
+    def __init__(self, ended: float, duration: float) -> None:
+        self.head = RequestHead()
+        self.head.method, self.head.target = "GET", "/api/v1/x"
+        self.started, self.ended, self.duration = ended - duration, ended, duration
+        self.route = self.upstream = self.upstream_status = self.replayed = self.error = self.token = None
+        self.csrf_key = None
+        self.status, self.bytes_in, self.request_id, self.extra = 200, 0, "r", ()
+        self.conn = types.SimpleNamespace(bytes_out=0)
+
+
+def test_buckets_count_every_request_and_take_percentiles_from_the_ring() -> None:
+    """Nothing is counted per request for the charts: a closed bucket's count comes from the sequence numbers
+    (exact beyond the ring's 500), its p50/p99 from its exchanges still in the ring (the newest 500)."""
+    recorder = Recorder()
+    now = time.perf_counter()
+    for i in range(1, 701):  # 1 … 700 ms, in one bucket
+        recorder.record(FinishedExchange(now, i / 1000))  # type: ignore[arg-type]
+    recorder.record(FinishedExchange(now + BUCKET_S + 0.5, 0.001))  # type: ignore[arg-type]  # the next bucket
+    _, series = recorder.series()
+    (bucket,) = [b for b in series if b[1]]
+    _, count, p50, p99 = bucket
+    assert count == 700
+    assert p50 == pytest.approx(0.450) and p99 == pytest.approx(0.695)  # of 201 … 700 ms, the ring's newest 500
+
+
 def test_recorder_is_bounded() -> None:
     recorder = Recorder()
     assert recorder.ring.maxlen == RING_SIZE
     assert recorder.newer_than(0) == [] and recorder.entry(1) is None
 
 
-async def test_headers_of_successful_requests_are_kept_only_while_someone_looks(
-    tmp_path: Path, backend: Backend
-) -> None:
-    """Keeping every request's headers is most of what recording costs: with nobody looking, only failed
-    exchanges keep theirs; a look at the page, the JSON or the event stream keeps all for the next minutes."""
+async def test_every_request_keeps_its_headers_even_while_nobody_looks(tmp_path: Path, backend: Backend) -> None:
+    """The heads are kept by reference (no copy), so a request made before anybody opened the inspector shows
+    its headers too, successful or refused."""
     config = make_config(tmp_path, backend)
     async with running_proxy(config) as proxy, http_client() as http:
         async with http.get(proxy.url + "/api/v1/echo/unseen", headers={"X-Custom": "a"}) as resp:
@@ -570,17 +598,12 @@ async def test_headers_of_successful_requests_are_kept_only_while_someone_looks(
         _, listing = await get_json(http, proxy.url + "/-/api/requests")
         by_path = {item["path"]: item["seq"] for item in listing["requests"]}
         _, unseen = await get_json(http, proxy.url + f"/-/api/requests/{by_path['/api/v1/echo/unseen']}")
-        assert unseen["headers_kept"] is False and unseen["request_headers"] == []
-        assert "not kept" in unseen["headers_note"] and unseen["status"] == 200
+        assert unseen["status"] == 200 and ["X-Custom", "a"] in unseen["request_headers"]
+        assert unseen["answered_by"] == "upstream" and unseen["response_headers"]
+        assert "headers_kept" not in unseen
         _, failed = await get_json(http, proxy.url + f"/-/api/requests/{by_path['/api/v1/echo/refused']}")
-        assert failed["headers_kept"] is True and failed["status"] == 403
-        assert ["X-Custom", "b"] in failed["request_headers"]
-        async with http.get(proxy.url + "/api/v1/echo/seen", headers={"X-Custom": "c"}) as resp:
-            assert resp.status == 200
-        _, listing = await get_json(http, proxy.url + "/-/api/requests")
-        seen_seq = next(i["seq"] for i in listing["requests"] if i["path"] == "/api/v1/echo/seen")
-        _, seen = await get_json(http, proxy.url + f"/-/api/requests/{seen_seq}")
-        assert seen["headers_kept"] is True and ["X-Custom", "c"] in seen["request_headers"]
+        assert failed["status"] == 403 and ["X-Custom", "b"] in failed["request_headers"]
+        assert failed["answered_by"] == "proxy" and failed["response_headers"] == []
 
 
 def test_ring_keeps_the_newest_in_order_and_forgets_the_oldest() -> None:
@@ -589,27 +612,10 @@ def test_ring_keeps_the_newest_in_order_and_forgets_the_oldest() -> None:
     assert len(ring) == 0 and list(ring) == []
     for seq in range(1, 11):
         upstream = None if seq % 2 else 200 + seq
-        numbers = (seq, 1000.0 + seq, seq / 1000)
-        ring.put(
-            (
-                *numbers,
-                "GET",
-                f"/t/{seq}",
-                b"",
-                None,
-                200,
-                upstream,
-                seq,
-                10 * seq,
-                "r",
-                None,
-                None,
-                f"id-{seq}",
-                (),
-                0,
-                None,
-            )
-        )
+        head = RequestHead()
+        head.method, head.target = "GET", f"/t/{seq}"
+        stored = (seq, 1000.0 + seq, seq / 1000, head, None, 200, upstream, seq, 10 * seq, "r", None, None)
+        ring.put((*stored, f"id-{seq}", (), 0, None))
     assert len(ring) == 4
     assert [entry[0] for entry in ring] == [7, 8, 9, 10]
     assert [entry[0] for entry in reversed(ring)] == [10, 9, 8, 7]

@@ -1,13 +1,14 @@
 """What the inspector remembers: the last 500 exchanges and 5 minutes of request rate and latency, in memory.
 
 Recording runs on the request path of every request, so ``record`` builds one flat tuple of numbers, strings
-and references and puts it into a preallocated list (:class:`Ring`); dictionaries and JSON are built when
-somebody asks (``proxy.inspector.api``). The header lists are the parsers' own, kept by reference (no copy:
-packing them into bytes cost 2–3 µs a request), and for a successful exchange only while somebody looks at
-the inspector (``watched``), so that the common case records no more than numbers and strings. Latency
-samples are kept per 5-second bucket in an array, at most ``SAMPLE_CAP`` of them (the newest), and turned into
-p50/p99 when the bucket closes, so memory stays bounded whatever the load. Nothing is written to disk, and
-request or response bodies are never referenced.
+and references and puts it into a preallocated list (:class:`Ring`); entries, dictionaries and JSON are built
+when somebody asks (``proxy.inspector.api``). The request's and the answer's heads are kept by reference, as
+the parsers made them (a new one per message; copying or packing the header lists cost 2–3 µs a request, a
+reference nothing): the headers of every request stay visible, and the memory is bounded by the ring's size
+and the header limits (``limits.*`` for requests, 64 KiB per upstream answer head). The 5-second buckets of
+the charts cost nothing per request either: when a bucket closes, its count comes from the sequence numbers
+and its p50/p99 from its exchanges still in the ring (all of them up to 100 requests a second, the newest 500
+above). Nothing is written to disk, and request or response bodies are never referenced.
 
 One recorder lives as long as the process serves with the inspector on: a reload hands it to the next runtime
 (``proxy.app.Runtime``), so the list survives a configuration change.
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from array import array
 from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
@@ -27,12 +27,12 @@ from proxy.http.heads import Header
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
+    from proxy.http.heads import RequestHead, ResponseHead
     from proxy.tokens import Token
 
 RING_SIZE = 500
 WINDOW_S = 300
 BUCKET_S = 5
-SAMPLE_CAP = 4096  # latency samples kept per bucket (the newest): p99 of 4096 values is precise enough
 MAX_STREAMS = 16  # concurrent event-stream clients
 
 # one recorded exchange: a flat tuple, cheap to build on the request path
@@ -56,25 +56,24 @@ Entry = tuple[
     int,  # FLAGS: SENT_UPSTREAM | CSRF_ADDED | COOKIE_ADDED
     str | None,  # TOKEN_FP
 ]
-# as the ring stores it: the token itself where Entry has its fingerprint
+# as the ring stores it: the request's and the answer's heads where Entry has method, target and header lists,
+# the token itself where Entry has its fingerprint (Entry is built from it when somebody reads)
 Stored = tuple[
-    int,
-    float,
-    float,
-    str,
-    str,
-    Sequence[Header],
-    Sequence[Header] | None,
-    int,
-    int | None,
-    int,
-    int,
-    str | None,
-    str | None,
-    str | None,
-    str,
-    tuple[bytes, ...],
-    int,
+    int,  # seq
+    float,  # time
+    float,  # duration
+    "RequestHead",
+    "ResponseHead | None",  # the answer the client got (None: the proxy answered itself, or nothing arrived)
+    int,  # status
+    int | None,  # upstream status
+    int,  # bytes in
+    int,  # bytes out
+    str | None,  # route
+    str | None,  # replayed
+    str | None,  # error
+    str,  # request id
+    tuple[bytes, ...],  # extra
+    int,  # flags
     "Token | None",
 ]
 # the fields' positions (``Final``: a type checker knows each field's type)
@@ -100,9 +99,6 @@ TOKEN_FP: Final = 17
 SENT_UPSTREAM = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
 CSRF_ADDED = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
 COOKIE_ADDED = 4  # … and the CSRF session's cookies, merged into Cookie
-NO_HEADERS = 8  # a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
-
-WATCH_S = 600  # after the last look at the inspector (page, JSON or event stream), headers are kept this long
 
 # a closed bucket: (start epoch, requests, p50 seconds or None, p99 seconds or None)
 Bucket = tuple[int, int, float | None, float | None]
@@ -136,8 +132,19 @@ class Ring:
             raise IndexError(index)
         stored = self.slots[(self.last - size + index) % self.maxlen]
         assert stored is not None
-        token = stored[TOKEN_FP]
-        return (*stored[:TOKEN_FP], token.fingerprint if token is not None else None)
+        seq, started, duration, head, answer, *rest, flags, token = stored
+        return (
+            seq,
+            started,
+            duration,
+            head.method,
+            head.target,
+            head.headers,
+            answer.headers if answer is not None else None,
+            *rest,  # type: ignore[return-value]
+            flags,
+            token.fingerprint if token is not None else None,
+        )
 
     def __iter__(self) -> Iterator[Entry]:
         return (self[i] for i in range(len(self)))
@@ -165,43 +172,28 @@ class Recorder:
         self._closed: deque[Bucket] = deque(maxlen=WINDOW_S // BUCKET_S)
         self._bucket_start = 0  # epoch second the current bucket began (a multiple of BUCKET_S)
         self._bucket_end = 0.0  # on the perf_counter clock
-        self._count = 0
-        self._samples = array("d")
-        self._watched_until = 0.0  # perf_counter until which every exchange's headers are kept
+        self._bucket_first = 1
         self._open_bucket(time.perf_counter())
 
     # ---------------------------------------------------------------- the request path
 
-    def watched(self) -> None:
-        """Somebody is looking (the page, the JSON, the event stream): keep every exchange's headers for the
-        next ``WATCH_S`` seconds. While nobody looks, only failed exchanges (status outside 200–399, or a proxy
-        error) keep theirs: keeping the headers of every request is most of what recording costs."""
-        self._watched_until = time.perf_counter() + WATCH_S
-
     def record(self, ex: Exchange) -> None:
         """Remember one finished exchange, unless it was the inspector's (or another admin endpoint's)."""
         head = ex.head
-        target = head.target
-        if target.startswith(ADMIN_PREFIX):
+        if head.target.startswith(ADMIN_PREFIX):
             return
-        now = ex.ended
-        started = ex.started
         duration = ex.duration
+        if ex.ended >= self._bucket_end:  # the 5-s bucket is over: its figures come from the ring (below)
+            self._close_bucket(ex.ended)
         seq = self.seq = self.seq + 1
         route = ex.route
         up = ex.upstream
-        status = ex.status
         flags = 0
-        headers: Sequence[Header] = ()
         answer = None
-        if now < self._watched_until or not 200 <= status < 400 or ex.error is not None:
-            headers = head.headers  # the parser's lists, kept as they are: no copy (a new one per message)
-            if up is not None and ex.upstream_status is not None and up.head is not None:
-                answer = up.head.headers  # the client got this answer
-        else:
-            flags = NO_HEADERS
         if up is not None:
-            flags |= SENT_UPSTREAM
+            flags = SENT_UPSTREAM
+            if ex.upstream_status is not None:
+                answer = up.head  # the answer the client got (a new head object per answer: it stays as it is)
             if ex.csrf_key is not None:
                 drop = ex.drop
                 if b"x-csrf-token" in drop:
@@ -211,13 +203,11 @@ class Recorder:
         self.ring.put(
             (
                 seq,
-                started + self._offset,
+                ex.started + self._offset,
                 duration,
-                head.method,
-                target,
-                headers,
+                head,
                 answer,
-                status,
+                ex.status,
                 ex.upstream_status,
                 ex.bytes_in,
                 ex.conn.bytes_out,
@@ -230,14 +220,6 @@ class Recorder:
                 ex.token,
             )
         )
-        if now >= self._bucket_end:
-            self._close_bucket(now)
-        count = self._count = self._count + 1
-        samples = self._samples
-        if count <= SAMPLE_CAP:
-            samples.append(duration)
-        else:
-            samples[count % SAMPLE_CAP] = duration  # a ring of the newest samples
 
     # ---------------------------------------------------------------- buckets
 
@@ -246,14 +228,20 @@ class Recorder:
         start = int(epoch // BUCKET_S) * BUCKET_S
         self._bucket_start = start
         self._bucket_end = now + (start + BUCKET_S - epoch)
-        self._count = 0
-        self._samples = array("d")
+        self._bucket_first = self.seq + 1  # the first exchange recorded in this bucket
 
     def _close_bucket(self, now: float) -> None:
-        """The current bucket is over: keep its count and percentiles, start the one ``now`` falls in."""
-        if self._count:
-            ordered = sorted(self._samples)
-            self._closed.append((self._bucket_start, self._count, percentile(ordered, 0.5), percentile(ordered, 0.99)))
+        """The current bucket is over: keep its count (exact, from the sequence numbers) and its percentiles (from
+        its exchanges still in the ring: all of them up to 500 in 5 s, else the newest 500), start the one
+        ``now`` falls in. Nothing is counted per request for it."""
+        count = self.seq - self._bucket_first + 1
+        if count > 0:
+            ring = self.ring
+            ordered = sorted(
+                stored[DURATION] for stored in ring.slots if stored is not None and stored[SEQ] >= self._bucket_first
+            )
+            if ordered:
+                self._closed.append((self._bucket_start, count, percentile(ordered, 0.5), percentile(ordered, 0.99)))
         self._offset = time.time() - time.perf_counter()
         self._open_bucket(now)
 
