@@ -1915,12 +1915,13 @@ def inspector_section(bench: Bench) -> list[str]:
         out += [
             "",
             f"The steady measure: `bench/micro.py` (the real listener, pipeline, filters and pool on uvloop, fake "
-            "transports, access log on) under callgrind, deterministic to about 0.5 %. Its Python request path takes "
+            "transports, access log on) under callgrind with a fixed hash seed, reproducible to about 0.05 %. "
+            "Its Python request path takes "
             f"{bench.inspector_micro_us:.1f} µs of the {cpu_off:.1f} µs of CPU a small GET costs end to end with "
             f"`ui: false` (the median above; the rest is the kernel, TLS and the event loop), so recording's share "
             "of the CPU per request is its instruction share times "
-            f"{bench.inspector_micro_us / cpu_off:.2f}. `one page open` keeps every request's headers and builds one "
-            f"request event per {PAGE_EVENT_EVERY} requests (the stream sends at most 400 a second).",
+            f"{bench.inspector_micro_us / cpu_off:.2f}. `one page open` builds one request event per "
+            f"{PAGE_EVENT_EVERY} requests (the stream sends at most 400 a second).",
             "",
         ]
     return out
