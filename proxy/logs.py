@@ -71,31 +71,6 @@ def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -
     logger.log(level, message, extra={"fields": fields})
 
 
-def access_log_message(
-    client: str | None,
-    method: str,
-    target: str,
-    status: int,
-    bytes_out: int,
-    duration: float,
-    route: str | None,
-    upstream_status: int | None,
-    token_fp: str | None,
-    request_id: str | None,
-    error: str | None,
-) -> str:
-    """The access log message: one line of ``key=value`` facts, the same in text and JSON mode (``duration`` in
-    seconds, shown in milliseconds with two decimals: ``round`` and a float's repr cost five times as much)."""
-    message = (
-        f'{client or "-"} "{method} {target}" {status} {bytes_out}B {duration * 1000:.2f}ms '
-        f"route={route or '-'} upstream={upstream_status if upstream_status is not None else '-'} "
-        f"token={token_fp or '-'} id={request_id or '-'}"
-    )
-    if error:  # why the proxy answered itself, or cut the exchange (drain_timeout, client_disconnected, ...)
-        message += f" error={error}"
-    return message
-
-
 class AccessLog:
     """Access log lines, cheap enough for every request: formatted directly and written in batches.
 
@@ -154,14 +129,19 @@ class AccessLog:
         error: str | None,
         worker: int | None = None,
     ) -> None:
-        """One request's line. In JSON mode (and for other handlers, as the record's ``fields``) the same facts
-        are keys of their own."""
+        """One request's line: ``key=value`` facts, the same message in text and JSON mode, where (and for other
+        handlers, as the record's ``fields``) the facts are also keys of their own. The duration shows in
+        milliseconds with two decimals: ``round`` and a float's repr cost five times as much."""
         now = time.time()
         if int(now) != self._second:
             self._new_second(now)
-        message = access_log_message(
-            client, method, target, status, bytes_out, duration, route, upstream_status, token_fp, request_id, error
+        message = (
+            f'{client or "-"} "{method} {target}" {status} {bytes_out}B {duration * 1000:.2f}ms '
+            f"route={route or '-'} upstream={upstream_status if upstream_status is not None else '-'} "
+            f"token={token_fp or '-'} id={request_id or '-'}"
         )
+        if error:  # why the proxy answered itself, or cut the exchange (drain_timeout, client_disconnected, ...)
+            message += f" error={error}"
         if worker is not None:  # only with several worker processes
             message += f" worker={worker}"
         roots = logging.root.handlers
