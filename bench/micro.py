@@ -139,6 +139,9 @@ async def measure(args: argparse.Namespace) -> float:
     conn.connection_made(FakeTransport())  # type: ignore[arg-type]
     inspector = runtime.inspector
     page_open = args.page_open and inspector is not None
+    if page_open:
+        assert inspector is not None
+        inspector.recorder.watched()  # every request keeps its headers, as while a page looks
 
     async def run(count: int) -> None:
         for number in range(count):
@@ -180,7 +183,8 @@ def main() -> None:
     parser.add_argument(
         "--page-open",
         action="store_true",
-        help=f"as if an inspector page were open: a request event built for one request in {PAGE_EVENT_EVERY}",
+        help="as if an inspector page were open: headers kept for every request, a request event built for one "
+        f"request in {PAGE_EVENT_EVERY}",
     )
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()

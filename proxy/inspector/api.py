@@ -36,6 +36,7 @@ from proxy.inspector.recorder import (
     HEADERS,
     MAX_STREAMS,
     METHOD,
+    NO_HEADERS,
     REPLAYED,
     REQUEST_ID,
     ROUTE,
@@ -46,6 +47,7 @@ from proxy.inspector.recorder import (
     TIME,
     TOKEN_FP,
     UPSTREAM_STATUS,
+    WATCH_S,
     WINDOW_S,
     Entry,
     Recorder,
@@ -159,6 +161,7 @@ class InspectorApi:
             return None
         if method not in ("GET", "HEAD"):
             return method_not_allowed(path)
+        self.recorder.watched()
         page = PAGE_FILES.get(path)
         if page is not None:
             return page_reply(*page)
@@ -258,6 +261,16 @@ class InspectorApi:
         item["request_headers"] = request + added
         item["proxy_added"] = [name for name, _ in added]
         item["response_headers"] = [self._header(name, value, redactor) for _, name, value in answer or ()]
+        item["headers_kept"] = not flags & NO_HEADERS
+        if flags & NO_HEADERS:
+            item["request_headers"] = item["response_headers"] = []
+            item["proxy_added"] = []
+            item["answered_by"] = "upstream" if flags & SENT_UPSTREAM else "proxy"
+            item["headers_note"] = (
+                "not kept: this request succeeded while no inspector page or API client was active; headers are "
+                f"kept for every request while one is (and {WATCH_S // 60} minutes after), and always for failed ones"
+            )
+            return item
         item["answered_by"] = "upstream" if answer is not None else "proxy"
         return item
 

@@ -100,6 +100,7 @@ async def stream_events(
                 return
         else:
             stalled_since = None
+            recorder.watched()  # a page is looking: keep every request's headers
             parts: list[bytes] = []
             fresh = recorder.newer_than(last) if recorder.seq > last else []
             if fresh:

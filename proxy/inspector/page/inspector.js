@@ -578,6 +578,15 @@
       $("#detail-title").textContent = `${data.method} ${data.path}`;
       const added = Array.isArray(data.proxy_added) ? data.proxy_added.length : 0;
       const byProxy = data.answered_by === "proxy";
+      if (data.headers_kept === false) {
+        body.replaceChildren(
+          summaryList(data),
+          el("p", "muted", `Headers ${data.headers_note || "were not kept for this request."}`),
+          el("p", "muted small", "Bodies are never kept. Values shown as [redacted] are hidden by the proxy."),
+        );
+        drawer.classList.add("loaded");
+        return;
+      }
       body.replaceChildren(
         summaryList(data),
         headerTable("Request headers (as forwarded)", data.request_headers, added),
