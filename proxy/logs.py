@@ -144,19 +144,15 @@ class AccessLog:
             message += f" error={error}"
         if worker is not None:  # only with several worker processes
             message += f" worker={worker}"
+        # the proxy's own handler when it alone would see the line (for INFO as worked out this second)
+        handler = self._direct if level == logging.INFO else self._direct_handler(level)
         roots = logging.root.handlers
-        if level == logging.INFO:
-            handler = self._direct  # None while INFO lines are not wanted, or not ours alone to write
-            if handler is not None and len(roots) == 1 and roots[0] is handler and handler.log_format != "json":
-                self._lines.append(self._info_prefix + message)
-                if self._flush_handle is None or len(self._lines) >= self.FLUSH_LINES:
-                    self._schedule_flush()
-                return
-        else:
-            handler = self._direct_handler(level)
-        if handler is not None and len(roots) == 1 and roots[0] is handler and self.logger.isEnabledFor(level):
+        if handler is not None and len(roots) == 1 and roots[0] is handler:
             if handler.log_format != "json":
-                self._append(f"{self._stamp} {logging.getLevelName(level):<7} {message}")
+                prefix = (
+                    self._info_prefix if level == logging.INFO else f"{self._stamp} {logging.getLevelName(level):<7} "
+                )
+                self._append(prefix + message)
                 return
             entry: dict[str, Any] = {
                 "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
@@ -199,9 +195,6 @@ class AccessLog:
 
     def _append(self, line: str) -> None:
         self._lines.append(line)
-        self._schedule_flush()
-
-    def _schedule_flush(self) -> None:
         if len(self._lines) >= self.FLUSH_LINES:
             self.flush()
         elif self._flush_handle is None:
