@@ -655,7 +655,6 @@ class Transfer:
 
 
 MICRO = HERE / "micro.py"
-PAGE_EVENT_EVERY = 40  # micro.py --page-open: one request event per this many requests
 #: micro.py's flags per inspector case: access log on, as in the end-to-end passes
 INSPECTOR_MICRO_FLAGS = {
     "off": ["--access-log", "--no-ui"],
@@ -665,27 +664,14 @@ INSPECTOR_MICRO_FLAGS = {
 
 
 def micro_instructions(procs: Processes, flags: list[str]) -> int:
-    """Instructions per request of micro.py (two request counts under callgrind, the difference divided: start-up
-    cancels out), as ``bench/instructions`` counts them."""
-
-    def count(requests: int) -> int:  # with a fixed hash seed: string hashing otherwise moves the count by ~1 %
-        cmd = [
-            "env",
-            "PYTHONHASHSEED=0",
-            "valgrind",
-            "--tool=callgrind",
-            "--callgrind-out-file=/dev/null",
-            sys.executable,
-            str(MICRO),
-        ]
-        result = run_child(procs, [*cmd, "--rounds", "1", "--requests", str(requests), *flags], timeout=600)
-        found = re.search(r"refs:\s*([\d,]+)", result.stderr + result.stdout)
-        if result.returncode != 0 or found is None:
-            raise RuntimeError(f"micro.py under valgrind failed ({result.returncode}): {result.stderr[-500:]}")
-        return int(found.group(1).replace(",", ""))
-
-    small, large = count(500), count(2500)
-    return (large - small) // 2000
+    """Instructions per request of micro.py with ``flags``, as ``bench/instructions`` counts them (callgrind,
+    fixed hash seed), run with this venv's Python."""
+    cmd = [str(HERE / "instructions"), *flags]
+    result = run_child(procs, ["env", f"PYTHON={sys.executable}", *cmd], timeout=1200)
+    found = re.search(r"^(\d+) instructions per request", result.stdout, re.MULTILINE)
+    if result.returncode != 0 or found is None:
+        raise RuntimeError(f"bench/instructions failed ({result.returncode}): {(result.stderr + result.stdout)[-500:]}")
+    return int(found.group(1))
 
 
 def micro_cpu_us(procs: Processes, flags: list[str]) -> float:
@@ -1920,8 +1906,8 @@ def inspector_section(bench: Bench) -> list[str]:
             f"{bench.inspector_micro_us:.1f} µs of the {cpu_off:.1f} µs of CPU a small GET costs end to end with "
             f"`ui: false` (the median above; the rest is the kernel, TLS and the event loop), so recording's share "
             "of the CPU per request is its instruction share times "
-            f"{bench.inspector_micro_us / cpu_off:.2f}. `one page open` builds one request event per "
-            f"{PAGE_EVENT_EVERY} requests (the stream sends at most 400 a second).",
+            f"{bench.inspector_micro_us / cpu_off:.2f}. `one page open` is `micro.py --page-open`: every request's "
+            "headers kept, and request events built at the event stream's rate (at most 400 a second).",
             "",
         ]
     return out

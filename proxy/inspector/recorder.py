@@ -111,9 +111,9 @@ Bucket = tuple[int, int, float | None, float | None]
 
 class Ring:
     """The last ``size`` exchanges, oldest first, in a preallocated list overwritten in place: one flat tuple per
-    exchange, of strings, numbers and bytes only (the garbage collector stops tracking such a tuple at its first
-    collection, so 500 of them cost it nothing). The token is kept as the object, its fingerprint worked out
-    when somebody reads the entry. Read like a deque of :data:`Entry`."""
+    exchange, of numbers and strings (plus the parsers' header lists while somebody looks, see ``record``). The
+    token is kept as the object, its fingerprint worked out when somebody reads the entry. Read like a deque of
+    :data:`Entry`."""
 
     def __init__(self, size: int) -> None:
         self.maxlen = size
