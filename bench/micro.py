@@ -120,7 +120,8 @@ async def measure(args: argparse.Namespace) -> float:
     manager._current = Token(value=Secret("micro-token"), obtained_at=time.monotonic(), lifetime=3600)
     if args.without:
         kept = [f for f in runtime.chain.filters if f.name not in set(args.without)]
-        runtime.chain = runtime.pipeline.chain = Chain(kept)
+        runtime.chain = Chain(kept)
+        runtime.pipeline.use_chain(runtime.chain)
 
     async def connect(origin: Origin) -> UpstreamConnection:
         conn = UpstreamConnection(runtime.pool, origin)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from proxy.guard import ADMIN_PREFIX
+
 if TYPE_CHECKING:
     from proxy.config import Route
     from proxy.http.heads import RequestHead
@@ -25,6 +27,7 @@ class Exchange:
     """Per-request state shared by the filters and the forwarding core."""
 
     __slots__ = (
+        "admin",
         "body",
         "body_data",
         "bytes_in",
@@ -56,6 +59,8 @@ class Exchange:
         self.head = head
         self.body = body
         self.started = time.perf_counter()
+        #: for the proxy's own endpoints (``/-/…``): worked out once, where four filters ask
+        self.admin = head.target.startswith(ADMIN_PREFIX)
         self.ended = 0.0  # set by the forwarding core when the exchange is over, before the filters observe it
         self.duration = 0.0  # ended - started (seconds)
         self.request_id = "-"

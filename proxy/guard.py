@@ -277,6 +277,7 @@ class Guard:
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
         self._host_verdicts: dict[str, bool] = {}
+        self._raw_host_verdicts: dict[bytes, bool] = {}
         hosts: set[tuple[str, str | None]] = set()
         for entry in settings.allowed_hosts:
             parsed = _split_host_port(entry)
@@ -558,7 +559,11 @@ class Guard:
         if self._key is not None or head.method in _REFUSED_METHODS:
             return False
         target = head.target
-        if not target.startswith("/") or _path_problem(target) is not None:
+        if not target.startswith("/"):
+            return False
+        # the whole target (query included) plain enough to say so without splitting; otherwise the path proper
+        plain = target.isascii() and "%" not in target and "\\" not in target and "/." not in target
+        if (not plain or target.startswith("//")) and _path_problem(target) is not None:
             return False
         host: bytes | None = None
         for lname, _, value in head.headers:
@@ -568,7 +573,14 @@ class Guard:
                 host = value
             elif lname == b"origin" or lname == b"sec-fetch-site":
                 return False
-        return host is not None and self._host_value_allowed(host.decode("latin-1"))
+        if host is None:
+            return False
+        verdict = self._raw_host_verdicts.get(host)  # by the raw bytes: no decoding per request
+        if verdict is None:
+            verdict = self._host_value_allowed(host.decode("latin-1"))
+            if len(self._raw_host_verdicts) < _HOST_CACHE_LIMIT:
+                self._raw_host_verdicts[host] = verdict
+        return verdict
 
     def check(self, request: GuardedRequest) -> tuple[Reply | None, str | None]:
         """All four checks in order: (the refusal or preflight answer, or None; the CORS origin, or None)."""

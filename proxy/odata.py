@@ -117,7 +117,7 @@ class RewritePlan:
     prefixes: frozenset[bytes]
     regex: re.Pattern[bytes] | None
     #: a substring of every pattern (the upstream's host, in practice): a body without it has no match, and
-    #: ``needle in body`` is a fast memory search where the regex would try every position
+    #: ``body.find(needle)`` is a fast memory search where the regex would try every position
     needle: bytes = b""
 
     @classmethod
@@ -187,7 +187,9 @@ class MultiRewriter:
         regex = self._regex
         data = self._held + body if self._held else body
         self._held = b""
-        if regex is None or self._needle not in data or regex.search(data) is None:
+        # (``find``, not ``in``: ``bytes.__contains__`` first tries its argument as an integer and raises and
+        # clears a TypeError for a bytes one, each time)
+        if regex is None or data.find(self._needle) < 0 or regex.search(data) is None:
             return data  # the common case: nothing to replace, nothing copied
         return self._process(data, final=True)
 

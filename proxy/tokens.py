@@ -68,13 +68,12 @@ class Token:
     #: treated as expired a little early (clock skew, latency): min(30 s, 10 % of its life) before it expires;
     #: worked out once, since every request asks
     usable_until: float = field(init=False, repr=False, compare=False)
+    #: the value's short fingerprint (the access log shows it on every line): an attribute, not a property chain
+    fingerprint: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "usable_until", self.expires_at - min(30.0, 0.1 * self.lifetime))
-
-    @property
-    def fingerprint(self) -> str:
-        return self.value.fingerprint
+        object.__setattr__(self, "fingerprint", self.value.fingerprint)
 
     @property
     def expires_at(self) -> float:

@@ -560,6 +560,7 @@ class FinishedExchange:
         self.started, self.ended, self.duration = ended - duration, ended, duration
         self.route = self.upstream = self.upstream_status = self.replayed = self.error = self.token = None
         self.csrf_key = None
+        self.admin = False
         self.status, self.bytes_in, self.request_id, self.extra = 200, 0, "r", ()
         self.conn = types.SimpleNamespace(bytes_out=0)
 

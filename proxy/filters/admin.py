@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from proxy.exchange import Exchange
 from proxy.filters.base import PENDING, Filter, Pending
-from proxy.guard import ADMIN_PREFIX, is_loopback
+from proxy.guard import is_loopback
 from proxy.http.heads import Reply, json_reply
 from proxy.tokens import TokenError
 
@@ -135,9 +135,9 @@ class AdminFilter(Filter):
         self._serve = serve
 
     def request(self, ex: Exchange) -> Reply | Pending | None:
-        target = ex.head.target
-        if not target.startswith(ADMIN_PREFIX):
+        if not ex.admin:
             return None
+        target = ex.head.target
         path = target.partition("?")[0]
         if self._serve and path == RELOAD_PATH:
             if ex.head.method != "POST":

@@ -28,6 +28,9 @@ from proxy.tokens import Token
 log = logging.getLogger("odata_auth_proxy.forward")
 
 
+_READS = frozenset({"GET", "HEAD", "OPTIONS"})  # most requests: known not to be writes without a call
+
+
 class CsrfFilter(Filter):
     name = "csrf"
     answer_statuses = frozenset({403})
@@ -42,7 +45,8 @@ class CsrfFilter(Filter):
 
     def request(self, ex: Exchange) -> None:
         route = ex.route
-        if route is None or route.csrf != "auto" or not is_write(ex.head.method):
+        method = ex.head.method
+        if route is None or route.csrf != "auto" or method in _READS or not is_write(method):
             return None
         if client_manages_csrf(ex.head.view):
             return None  # the client does its own CSRF dance: leave it alone

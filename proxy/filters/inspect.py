@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from proxy.exchange import Exchange
 from proxy.filters.admin import AdminFilter
 from proxy.filters.base import PENDING, Pending
-from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Reply, status_line
 from proxy.http.listener import ClientConnection
 from proxy.inspector.api import EVENTS_PATH, SECURITY_HEADERS, InspectorApi, method_not_allowed, too_many_streams
@@ -66,10 +65,10 @@ class InspectFilter(AdminFilter):
         self._state_of = state
 
     def request(self, ex: Exchange) -> Reply | Pending | None:
+        if not ex.admin:
+            return None
         head = ex.head
         target = head.target
-        if not target.startswith(ADMIN_PREFIX):
-            return None
         if self._serving:
             path, _, query = target.partition("?")
             if path == EVENTS_PATH:

@@ -9,7 +9,6 @@ import secrets
 
 from proxy.exchange import Exchange
 from proxy.filters.base import Filter
-from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import ResponseHead
 from proxy.logs import AccessLog
 from proxy.metrics import ProxyMetrics
@@ -82,7 +81,7 @@ class ObserveFilter(Filter):
             target = target.replace(self._api_key, "[redacted]")  # a client put the key in the URL
         token = ex.token
         access_log.request(
-            logging.DEBUG if head.target.startswith(ADMIN_PREFIX) else logging.INFO,
+            logging.DEBUG if ex.admin else logging.INFO,
             ex.conn.peer,
             head.method,
             target,

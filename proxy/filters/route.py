@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from proxy.exchange import Exchange
 from proxy.filters.base import Filter, HeaderRewrite
-from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Reply, json_reply
 from proxy.router import Router, proxy_location
 
@@ -16,7 +15,7 @@ class RouteFilter(Filter):
         self.router = router
 
     def request(self, ex: Exchange) -> Reply | None:
-        if ex.head.target.startswith(ADMIN_PREFIX):
+        if ex.admin:
             return None  # only POST /-/reload gets here: AdminFilter answers it in its prepare, unrouted
         match = self.router.match(ex.head.target)
         if match is None:
@@ -29,9 +28,7 @@ class RouteFilter(Filter):
                     "prefixes": prefixes,
                 },
             )
-        ex.route = match.route
-        ex.origin = match.origin
-        ex.upstream_target = match.target
+        ex.route, ex.origin, ex.upstream_target = match
         return None
 
 

@@ -39,9 +39,14 @@ def _status_lines() -> dict[int, bytes]:
 STATUS_LINES = _status_lines()
 
 
+#: the standard reason phrase of each status, to tell whether an upstream's own is the standard one
+_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
 def status_line(status: int, reason: bytes | None = None) -> bytes:
-    """``HTTP/1.1 <status> <reason>\\r\\n`` from a precomputed table; the upstream's own reason when given."""
-    if reason:
+    """``HTTP/1.1 <status> <reason>\\r\\n`` from a precomputed table; the upstream's own reason when given (and
+    not the standard one: most are, and a table lookup is cheaper than formatting the line)."""
+    if reason and _PHRASES.get(status) != reason:
         return b"HTTP/1.1 %d %s\r\n" % (status, reason)
     line = STATUS_LINES.get(status)
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status

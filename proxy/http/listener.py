@@ -57,6 +57,13 @@ class ClientGone(Exception):
     """The client closed its connection (or was cut) while the request was being handled."""
 
 
+#: the usual methods' names as (interned) text, without decoding them per request
+_METHOD_NAMES = {
+    name.encode(): name
+    for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "MERGE", "CONNECT", "TRACE")
+}
+
+
 class BodyTimeout(Exception):
     """The client stopped sending its request body for ``timeouts.client_body``."""
 
@@ -179,6 +186,10 @@ class ClientConnection(asyncio.Protocol):
         self.listener = listener
         self.loop = listener.loop
         self.settings = listener.settings
+        # the header limits, looked up per header
+        self._max_header = self.settings.max_header_size
+        self._max_head = self.settings.max_header_size * 4
+        self._max_headers = self.settings.max_headers
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = "-"
@@ -191,8 +202,7 @@ class ClientConnection(asyncio.Protocol):
         # parsing
         self._head: RequestHead | None = None
         self._body: RequestBody | None = None
-        self._url: list[bytes] = []
-        self._url_size = 0
+        self._url = b""  # the request target as it arrives (llhttp may hand it over in pieces)
         self._header_size = 0
         self._too_big: Reply | None = None
         # handling
@@ -308,8 +318,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._head = RequestHead()
-        self._url = []
-        self._url_size = 0
+        self._url = b""
         self._header_size = 0
         if not self._in_head:
             self._in_head = True
@@ -322,10 +331,9 @@ class ClientConnection(asyncio.Protocol):
         raise httptools.HttpParserError(error)
 
     def on_url(self, url: bytes) -> None:
-        self._url.append(url)
-        self._url_size += len(url)
+        self._url += url  # one piece as a rule: joining to b"" copies nothing
         limit = self.settings.max_header_size
-        if self._url_size > limit:
+        if len(self._url) > limit:
             self._over_limit(
                 414,
                 "request_target_too_long",
@@ -336,30 +344,36 @@ class ClientConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
         assert head is not None
+        size = len(name) + len(value)
+        self._header_size += size + 4
+        if size > self._max_header or self._header_size > self._max_head or len(head.headers) >= self._max_headers:
+            self._header_over_limit(len(head.headers))  # raises
+        head.headers.append((name.lower(), name, value))
+
+    def _header_over_limit(self, count: int) -> None:
+        """Answer 431 for the header that went over a limit (``_over_limit`` raises)."""
         limit, most = self.settings.max_header_size, self.settings.max_headers
-        self._header_size += len(name) + len(value) + 4
-        if len(head.headers) >= most or self._header_size > limit * 4:
-            what = "headers" if len(head.headers) >= most else "header bytes"
+        if count >= most or self._header_size > limit * 4:
+            what = "headers" if count >= most else "header bytes"
             self._over_limit(
                 431,
                 "request_headers_too_large",
                 f"the request has too many {what} (limits.max_headers {most}, limits.max_header_size {limit} "
                 "bytes per header)",
             )
-        if len(name) + len(value) > limit:
-            self._over_limit(
-                431,
-                "request_header_too_large",
-                f"a request header is longer than limits.max_header_size ({limit} bytes)",
-            )
-        head.headers.append((name.lower(), name, value))
+        self._over_limit(
+            431,
+            "request_header_too_large",
+            f"a request header is longer than limits.max_header_size ({limit} bytes)",
+        )
 
     def on_headers_complete(self) -> None:
         head = self._head
         assert head is not None
         parser = self.parser
-        head.method = parser.get_method().decode("latin-1")
-        head.target = b"".join(self._url).decode("latin-1")
+        method = parser.get_method()
+        head.method = _METHOD_NAMES.get(method) or method.decode("latin-1")
+        head.target = self._url.decode("latin-1")
         head.version = parser.get_http_version()
         head.keep_alive = bool(parser.should_keep_alive())
         for lname, _, value in head.headers:
@@ -373,7 +387,7 @@ class ClientConnection(asyncio.Protocol):
                 head.connection = True
         self._in_head = False
         body = RequestBody(self)
-        if not head.has_body:
+        if not (head.chunked or head.content_length):  # has_body, without the property call
             body.complete = True
         self._body = body
         self._queue.append((head, body))
@@ -480,7 +494,8 @@ class ClientConnection(asyncio.Protocol):
         self.flow_peer = None
         if close:
             self._close_after = True
-        self.listener.changed()
+        if self.listener.idle_waiter is not None:  # a drain waits for the last request (checked here: per request)
+            self.listener.changed()
         if self.closed:
             return
         complete = body is None or body.complete
@@ -706,7 +721,7 @@ class Listener:
         self.connections: set[ClientConnection] = set()
         self.servers: list[asyncio.Server] = []
         self.draining = False
-        self._idle_waiter: asyncio.Future[None] | None = None
+        self.idle_waiter: asyncio.Future[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         shortest = min(settings.client_header, settings.client_body, settings.client_write, settings.client_idle)
         self.sweep_interval = max(0.05, min(1.0, shortest / 4))
@@ -743,7 +758,7 @@ class Listener:
 
     def changed(self) -> None:
         """A request finished or a connection closed: the drain may be over."""
-        waiter = self._idle_waiter
+        waiter = self.idle_waiter
         if waiter is not None and not waiter.done() and not any(c.busy for c in self.connections):
             waiter.set_result(None)
 
@@ -760,9 +775,9 @@ class Listener:
         many requests were cut."""
         self.start_drain()
         if any(c.busy for c in self.connections):
-            self._idle_waiter = self.loop.create_future()
+            self.idle_waiter = self.loop.create_future()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle_waiter, max(0.0, deadline - time.monotonic()))
+                await asyncio.wait_for(self.idle_waiter, max(0.0, deadline - time.monotonic()))
         cut = 0
         for conn in list(self.connections):
             if conn.busy:
@@ -771,10 +786,10 @@ class Listener:
             else:
                 conn._close()
         if cut:  # let the cut requests see it and write their access log lines (they end at once)
-            self._idle_waiter = self.loop.create_future()
+            self.idle_waiter = self.loop.create_future()
             self.changed()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._idle_waiter, 1.0)
+                await asyncio.wait_for(self.idle_waiter, 1.0)
         await self.close()
         return cut
 

@@ -22,7 +22,7 @@ import errno
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 from urllib.parse import unquote, urlsplit
 
@@ -48,14 +48,12 @@ class Origin:
     port: int
     host_header: bytes
 
-    def __hash__(self) -> int:
-        # the pool looks its idle connections up by origin on every request: the generated __hash__ would
-        # build and hash a tuple each time
-        cached: int | None = self.__dict__.get("_hash")
-        if cached is None:
-            cached = hash((self.scheme, self.host, self.port, self.host_header))
-            object.__setattr__(self, "_hash", cached)
-        return cached
+    #: the pool's dictionary key, a string (its hash is cached): the pool looks its idle connections up by origin
+    #: on every request, and the dataclass's own hash would build and hash a tuple each time
+    key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.scheme}://{self.host}:{self.port} {self.host_header!r}")
 
     @property
     def tls(self) -> bool:
@@ -225,13 +223,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
 
     # ---------------------------------------------------------------- httptools callbacks
 
-    def on_message_begin(self) -> None:
-        self._headers = []
-        self._reason = b""
-        self._length = None
-        self._framed = False  # a Content-Length or Transfer-Encoding: the body does not end with the connection
-        self._lists_headers = False
-
     def on_status(self, status: bytes) -> None:
         self._reason += status
 
@@ -250,7 +241,12 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         parser = self.parser
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
-            self._interim = True  # 100 Continue & co: not the answer
+            self._interim = True  # 100 Continue & co: not the answer; the answer's own head starts afresh
+            self._headers = []
+            self._reason = b""
+            self._length = None
+            self._framed = False
+            self._lists_headers = False
             return
         raw = self._length
         length = int(raw) if raw is not None and raw.strip().isdigit() else None  # llhttp vetted it already
@@ -418,13 +414,13 @@ class UpstreamPool:
         # One read buffer for every connection of the pool: each read is parsed (and its body bytes copied out)
         # in ``buffer_updated`` before the loop reads anything else, so the memory does not grow with the pool.
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
-        self._idle: dict[Origin, list[UpstreamConnection]] = {}
+        self._idle: dict[str, list[UpstreamConnection]] = {}  # by Origin.key
         self._all: set[UpstreamConnection] = set()
         self.closed = False
 
     def take_idle(self, origin: Origin) -> UpstreamConnection | None:
         """A pooled connection to ``origin`` that is still open and not too old, or None."""
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.key)
         if idle:
             now = time.monotonic()
             while idle:
@@ -458,13 +454,14 @@ class UpstreamPool:
         if self.closed or not conn.reusable:
             conn.abort()
             return
-        conn.resume_reading()  # it may have been paused for a slow client; a pooled connection must see a close
-        conn.idle_since = time.monotonic()
-        self._idle.setdefault(conn.origin, []).append(conn)
+        if conn._reading_paused:  # paused for a slow client: a pooled connection must see a close
+            conn.resume_reading()
+        conn.idle_since = conn.last_read  # its answer's last bytes came in this very moment
+        self._idle.setdefault(conn.origin.key, []).append(conn)
 
     def forget(self, conn: UpstreamConnection) -> None:
         self._all.discard(conn)
-        idle = self._idle.get(conn.origin)
+        idle = self._idle.get(conn.origin.key)
         if idle and conn in idle:
             idle.remove(conn)
 

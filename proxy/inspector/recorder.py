@@ -24,7 +24,6 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Final
 
-from proxy.guard import ADMIN_PREFIX
 from proxy.http.heads import Header
 
 if TYPE_CHECKING:
@@ -180,10 +179,10 @@ class Recorder:
 
     def record(self, ex: Exchange) -> None:
         """Remember one finished exchange, unless it was the inspector's (or another admin endpoint's)."""
+        if ex.admin:
+            return
         head = ex.head
         target = head.target
-        if target.startswith(ADMIN_PREFIX):
-            return
         now = ex.ended
         if now >= self._bucket_end:  # the 5-s bucket is over: its figures come from the ring (below)
             self._close_bucket(now)
