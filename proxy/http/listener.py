@@ -182,6 +182,52 @@ Handler = Callable[["ClientConnection", RequestHead, RequestBody], None]
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests, runs the handler for each in turn, frames its answers."""
 
+    # slots: more than 30 attributes would leave CPython 3.11 no shared-key (inline) layout, and every
+    # attribute access on the request path a dictionary lookup
+    __slots__ = (
+        "_active",
+        "_body",
+        "_chunked_out",
+        "_close_after",
+        "_closing",
+        "_head",
+        "_head_started",
+        "_header_size",
+        "_in_head",
+        "_lingering",
+        "_max_head",
+        "_max_header",
+        "_max_headers",
+        "_paused",
+        "_queue",
+        "_starting",
+        "_too_big",
+        "_upgraded",
+        "_url",
+        "_write_paused_since",
+        "_write_waiter",
+        "active_body",
+        "bytes_out",
+        "closed",
+        "draining",
+        "eof",
+        "exchange",
+        "flow_peer",
+        "last_read",
+        "listener",
+        "loop",
+        "on_lost",
+        "parser",
+        "peer",
+        "response_started",
+        "settings",
+        "sockname",
+        "task",
+        "transport",
+        "watchdog",
+        "write_paused",
+    )
+
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.loop = listener.loop

@@ -107,6 +107,45 @@ class UpstreamTimeout(UpstreamError):
 class UpstreamConnection(asyncio.BufferedProtocol):
     """One connection to an upstream; one request at a time."""
 
+    # slots: more than 30 attributes would leave CPython 3.11 no shared-key (inline) layout, and every
+    # attribute access on the request path a dictionary lookup
+    __slots__ = (
+        "_done_waiter",
+        "_framed",
+        "_head_size",
+        "_head_waiter",
+        "_headers",
+        "_interim",
+        "_length",
+        "_lists_headers",
+        "_reading_paused",
+        "_reason",
+        "_reset_parser",
+        "_tunnel",
+        "_tunnel_data",
+        "_until_close",
+        "_view",
+        "body_size",
+        "chunks",
+        "closed",
+        "complete",
+        "error",
+        "flow_peer",
+        "got_bytes",
+        "head",
+        "head_request",
+        "idle_since",
+        "last_read",
+        "loop",
+        "origin",
+        "parser",
+        "pool",
+        "ready",
+        "reused",
+        "sink",
+        "transport",
+    )
+
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
         self.pool = pool
         self.origin = origin
