@@ -543,6 +543,37 @@ async def test_http10_keep_alive_request_gets_a_complete_answer(tmp_path: Path, 
     assert resp.json()["raw_path"] == "/api/v1/echo/ka"
 
 
+@pytest.mark.parametrize(
+    ("version", "connection", "chunked"),
+    [
+        ("HTTP/1.1", None, True),  # kept alive without a Connection header: 1.1, worked out without asking llhttp
+        ("HTTP/1.1", "keep-alive", True),
+        ("HTTP/1.0", "keep-alive", False),  # kept alive too, but 1.0: never chunked
+    ],
+)
+async def test_streamed_answer_framing_follows_the_client_version(
+    tmp_path: Path, backend: Backend, version: str, connection: str | None, chunked: bool
+) -> None:
+    """A streamed answer of unknown length: chunked to an HTTP/1.1 client, delimited by the close for 1.0 —
+    however the request said keep-alive (the version is taken from the keep-alive flag when no Connection
+    header came, and asked of the parser otherwise)."""
+    headers = [("Connection", connection)] if connection else []
+    async with running_proxy(make_config(tmp_path, backend)) as running:
+        port = running.server.port
+        async with connect(port) as (reader, writer):
+            writer.write(raw_request("GET", "/api/v1/stream?bytes=300000", port, headers, version=version))
+            await writer.drain()
+            outcome = await read_until_closed(reader, 10) if not chunked else None
+            resp = (
+                await parse_response(outcome.data)
+                if outcome is not None
+                else await asyncio.wait_for(read_response(reader), 10)
+            )
+    assert resp.status == 200
+    assert (resp.framing == "chunked") == chunked, resp.framing
+    assert resp.body == b"x" * 300000
+
+
 # --------------------------------------------------------------------------- 10. chunked uploads
 
 

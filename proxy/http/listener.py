@@ -420,8 +420,7 @@ class ClientConnection(asyncio.Protocol):
         method = parser.get_method()
         head.method = _METHOD_NAMES.get(method) or method.decode("latin-1")
         head.target = self._url.decode("latin-1")
-        head.version = parser.get_http_version()
-        head.keep_alive = bool(parser.should_keep_alive())
+        head.keep_alive = keep_alive = bool(parser.should_keep_alive())
         for lname, _, value in head.headers:
             if lname == b"content-length":
                 head.content_length = int(value)
@@ -431,6 +430,9 @@ class ClientConnection(asyncio.Protocol):
                 head.expect_continue = value.strip().lower() == b"100-continue"
             elif lname == b"connection":
                 head.connection = True
+        # Kept alive without a Connection header can only be HTTP/1.1 (1.0 needs "Connection: keep-alive"):
+        # httptools' get_http_version formats a new string with str.format each time (~2,500 instructions)
+        head.version = "1.1" if keep_alive and not head.connection else parser.get_http_version()
         self._in_head = False
         body = RequestBody(self)
         if not (head.chunked or head.content_length):  # has_body, without the property call
