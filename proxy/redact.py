@@ -64,6 +64,8 @@ OUTSIDE_TEXT_LIMIT = 300
 #: a run of this many characters of a secret is redacted wherever it appears: a quote cut short by whoever
 #: sent it still shows most of the secret
 FRAGMENT_LENGTH = 12
+#: values shorter than this are not searched for: too short to be a real secret, and replacing them mangles every line
+MIN_SECRET_LENGTH = 4
 _SCAN_LIMIT = 4096  # texts are cut to this before redaction: a remote answer may be up to 1 MiB
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
@@ -97,8 +99,9 @@ class Redactor:
     ``FRAGMENT_LENGTH`` characters of it or of its encoded forms (a quote cut short) — with ``[redacted]``,
     turns control characters
     (line breaks: forged log lines) into spaces, and only then cuts the text to ``limit`` characters, so
-    that the cut never leaves half a secret behind. Empty values are ignored. The secrets are kept as
-    ``Secret`` and the object's repr names only how many there are.
+    that the cut never leaves half a secret behind. Values shorter than ``MIN_SECRET_LENGTH`` are ignored (a
+    one-letter "secret" would turn every ``b`` into ``[redacted]``). The secrets are kept as ``Secret`` and the
+    object's repr names only how many there are.
     """
 
     __slots__ = ("_fragments", "_pattern", "_secrets")
@@ -107,7 +110,7 @@ class Redactor:
         values: list[str] = []
         for secret in secrets:
             value = secret.reveal() if isinstance(secret, Secret) else secret
-            if value and value not in values:
+            if value and len(value) >= MIN_SECRET_LENGTH and value not in values:
                 values.append(value)
         values.sort(key=len, reverse=True)  # the longest first: a secret that contains another one
         self._secrets = tuple(Secret(value) for value in values)

@@ -625,6 +625,23 @@ def test_redactor_forms_fragments_cut_and_repr() -> None:
     assert len(empty.with_secrets([Secret(secret)])) == 1
 
 
+def test_redactor_ignores_one_character_secret() -> None:
+    # a benchmark config with client secret "b" must not turn "unreachable" into "unreacha[redacted]le"
+    sentence = "route api: upstream unreachable (connection refused), will retry"
+    redact = Redactor([Secret("b"), "x"])
+    assert len(redact) == 0
+    assert redact(sentence) == sentence
+    assert redact.with_secrets(["a"])(sentence) == sentence
+
+
+@pytest.mark.parametrize("secret", ["abcd", "hunter2-longer-secret"])
+def test_redactor_still_redacts_four_character_and_longer_secrets(secret: str) -> None:
+    redact = Redactor([Secret("b"), Secret(secret)])
+    assert len(redact) == 1
+    assert redact(f"invalid_client: bad secret {secret}, bye") == f"invalid_client: bad secret {REDACTED}, bye"
+    assert Redactor().with_secrets([secret])(f"pw={secret}") == f"pw={REDACTED}"
+
+
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
