@@ -21,33 +21,45 @@ Match = tuple[Route, Origin, str]
 @dataclass(frozen=True)
 class _Entry:
     route: Route
-    prefix: str
+    prefix: str  # starts and ends with "/", holds no "?" (``config.normalize_prefix``)
     base_path: str  # the upstream's base path, ending in "/"
     origin: Origin
+
+    @property
+    def root(self) -> str:
+        """The prefix without its final slash ("/api/v1" for "/api/v1/"): that path is the route's root too."""
+        return self.prefix[:-1] if self.prefix != "/" else ""
+
+    @property
+    def verbatim(self) -> bool:
+        """The upstream's base path is the prefix itself: the target goes up exactly as it came."""
+        return self.base_path == self.prefix
 
 
 class Router:
     def __init__(self, routes: tuple[Route, ...]) -> None:
         ordered = sorted(routes, key=lambda r: len(r.prefix), reverse=True)
-        self._entries = [_Entry(r, r.prefix, _base_path(r.upstream), Origin.from_url(r.upstream)) for r in ordered]
+        entries = [_Entry(r, r.prefix, _base_path(r.upstream), Origin.from_url(r.upstream)) for r in ordered]
+        self._entries = entries
+        # per entry, in the order tried: what ``match`` needs, unpacked once
+        self._table = [(e.prefix, e.root, e.verbatim, e.base_path, e.route, e.origin) for e in entries]
 
     @property
     def prefixes(self) -> list[str]:
         return sorted(e.prefix for e in self._entries)
 
     def match(self, raw_target: str) -> Match | None:
-        """``raw_target`` is the request target as received (path + optional query)."""
-        path, sep, query = raw_target.partition("?")
-        for entry in self._entries:
-            prefix = entry.prefix
-            if path.startswith(prefix):
-                rest = path[len(prefix) :]
-            elif path == prefix[:-1] and prefix != "/":
-                rest = ""
-            else:
-                continue
-            target = entry.base_path + rest
-            return entry.route, entry.origin, target + "?" + query if sep else target
+        """``raw_target`` is the request target as received (path + optional query). Longest prefix first; a
+        prefix holds no "?", so a target that starts with it has a path that does."""
+        for prefix, root, verbatim, base_path, route, origin in self._table:
+            if raw_target.startswith(prefix):
+                if verbatim:
+                    return route, origin, raw_target  # the common case: nothing to cut or join
+                return route, origin, base_path + raw_target[len(prefix) :]
+            if root and raw_target.startswith(root):
+                rest = raw_target[len(root) :]
+                if not rest or rest[0] == "?":  # "/api/v1" or "/api/v1?x": the base path, with the query
+                    return route, origin, base_path + rest
         return None
 
 
