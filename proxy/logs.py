@@ -71,6 +71,10 @@ def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -
     logger.log(level, message, extra={"fields": fields})
 
 
+FLUSH_DELAY = 0.05  # an access log line is written at most this long after its request ended
+FLUSH_LINES = 256  # or when this many lines wait
+
+
 class AccessLog:
     """Access log lines, cheap enough for every request: formatted directly and written in batches.
 
@@ -83,9 +87,6 @@ class AccessLog:
     costs more than formatting the line) and checked per line only against the root's handler list, which is
     where a log capture or an embedding program adds its handler.
     """
-
-    FLUSH_DELAY = 0.05
-    FLUSH_LINES = 256
 
     def __init__(self, logger: logging.Logger | None = None) -> None:
         self.logger = logger or logging.getLogger(ACCESS_LOGGER)
@@ -195,7 +196,7 @@ class AccessLog:
 
     def _append(self, line: str) -> None:
         self._lines.append(line)
-        if len(self._lines) >= self.FLUSH_LINES:
+        if len(self._lines) >= FLUSH_LINES:
             self.flush()
         elif self._flush_handle is None:
             try:
@@ -203,7 +204,7 @@ class AccessLog:
             except RuntimeError:
                 self.flush()
                 return
-            self._flush_handle = loop.call_later(self.FLUSH_DELAY, self.flush)
+            self._flush_handle = loop.call_later(FLUSH_DELAY, self.flush)
 
     def flush(self) -> None:
         if self._flush_handle is not None:

@@ -63,7 +63,9 @@ class Pipeline:
         self.pool = pool
         self.settings = settings
         self.log = LogThrottle(log)  # an unreachable upstream under load: one line, then a count
-        self._watch = self._watchdog  # bound once: set on every forwarded request's connection
+        # bound once: a bound method made per request is a generic attribute lookup and an allocation
+        self._watch = self._watchdog  # set on every forwarded request's connection
+        self._ready = self._answer_ready  # called back when the answer's head is in
 
     def use_chain(self, chain: Chain) -> None:
         """Run requests through ``chain`` (and precompute what depends on it)."""
@@ -97,7 +99,7 @@ class Pipeline:
                 if head.content_length == 0:
                     ex.body_data = b""
                 self._send_request(ex, up)
-                up.ready = partial(self._answer_ready, ex)
+                up.ready = partial(self._ready, ex)
                 return
             else:
                 self._continue(ex, self._forward(ex, pending))
@@ -309,11 +311,10 @@ class Pipeline:
             flt.upstream_headers(ex, added)  # first: a filter may also drop the client's own version
         drop, never = ex.drop, self._never_forwarded
         listed = connection_listed(head.headers) if head.connection else ()
-        extend = lines.extend
         for lname, name, value in head.headers:
             if lname in never or lname in drop or lname in listed or lname.startswith(b"proxy-"):
                 continue
-            extend((name, b": ", value, b"\r\n"))  # pieces of the one join below: cheaper than formatting a line
+            lines.extend((name, b": ", value, b"\r\n"))  # pieces of the one join below: cheaper than formatting a line
         lines.extend(ex.extra)
         lines.extend(added)
         data = ex.body_data
@@ -334,7 +335,7 @@ class Pipeline:
             lines.append(b"\r\n")
         up.begin(b"".join(lines), head_request=head.method == "HEAD")
         conn = ex.conn
-        conn.on_lost = up.abort  # a client that goes away releases the upstream at once
+        conn.abort_on_loss = up  # a client that goes away releases the upstream at once
         ex.upstream = up
         conn.watchdog = self._watch
         if ex.streaming:
@@ -385,13 +386,12 @@ class Pipeline:
         lines = [status_line(answer.status, answer.reason)]
         listed = connection_listed(answer.headers) if answer.lists_headers else ()
         rewrites = self.chain.header_rewrites
-        extend = lines.extend
         for lname, name, value in answer.headers:
             if lname in _ANSWER_DROP or (listed and lname in listed):
                 continue
             if lname in rewrites:
                 value = rewrites[lname](ex, value)
-            extend((name, b": ", value, b"\r\n"))  # pieces of the caller's one join
+            lines.extend((name, b": ", value, b"\r\n"))  # pieces of the caller's one join
         for flt in self.chain.on_response_headers:
             flt.response_headers(ex, lines, answer)
         return lines
@@ -494,7 +494,7 @@ class Pipeline:
         conn.flow_peer = up
         if conn.write_paused:
             up.pause_reading()
-        conn.on_lost = up.abort
+        conn.abort_on_loss = up
         up.stream_to(sink)
         try:
             await up.wait_complete()

@@ -495,6 +495,11 @@ class TokenManager:
 
     @property
     def current(self) -> Token | None:
+        return self.usable()
+
+    def usable(self) -> Token | None:
+        """The current token while it is usable, else None (``current`` as a method: the request path asks
+        once per request, and a property is a slow attribute lookup on CPython 3.11)."""
         token = self._current
         if token is not None and self._clock() < token.usable_until:
             return token

@@ -25,7 +25,7 @@ class CredentialsFilter(Filter):
     def request(self, ex: Exchange) -> Pending | None:
         if ex.route is None:
             return None  # POST /-/reload: answered by AdminFilter, never forwarded
-        token = self.managers[ex.route.name].current
+        token = self.managers[ex.route.name].usable()
         if token is None:
             return PENDING  # no valid token at hand: wait for one (single flight) in prepare
         ex.token = token

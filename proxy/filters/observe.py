@@ -70,7 +70,7 @@ class ObserveFilter(Filter):
         head = ex.head
         route = ex.route.name if ex.route is not None else None
         if route is not None:
-            self.metrics.request_finished(route, head.method, ex.status, duration, ex.bytes_in, ex.bytes_out)
+            self.metrics.request_finished(route, head.method, ex.status, duration, ex.bytes_in, ex.conn.bytes_out)
         access_log = self.access_log
         if access_log is None:
             return

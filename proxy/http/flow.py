@@ -10,3 +10,9 @@ class FlowPeer(Protocol):
 
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+
+
+class Abortable(Protocol):
+    """A side to cut at once when the other one is gone (the upstream connection of a client that left)."""
+
+    def abort(self) -> None: ...

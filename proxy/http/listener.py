@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import httptools
 
-from proxy.http.flow import FlowPeer
+from proxy.http.flow import Abortable, FlowPeer
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
@@ -206,6 +206,7 @@ class ClientConnection(asyncio.Protocol):
         "_url",
         "_write_paused_since",
         "_write_waiter",
+        "abort_on_loss",
         "active_body",
         "bytes_out",
         "closed",
@@ -216,7 +217,6 @@ class ClientConnection(asyncio.Protocol):
         "last_read",
         "listener",
         "loop",
-        "on_lost",
         "parser",
         "peer",
         "response_started",
@@ -258,7 +258,9 @@ class ClientConnection(asyncio.Protocol):
         self._closing = False
         self.task: asyncio.Task[None] | None = None  # the handler's task, while it needs one (kept referenced)
         self.active_body: RequestBody | None = None
-        self.on_lost: Callable[[], None] | None = None  # set by the handler while it streams
+        #: aborted when this connection is lost (the upstream connection carrying its request); an object, not
+        #: a bound method: making one per request cost more than the rest of the assignment
+        self.abort_on_loss: Abortable | None = None
         self.exchange: Exchange | None = None  # the handler's record of the request in progress
         self.watchdog: Callable[[ClientConnection, float], None] | None = None  # from the sweep, while one runs
         # response state
@@ -338,9 +340,9 @@ class ClientConnection(asyncio.Protocol):
             if not isinstance(item, Reply):
                 item[1].fail(gone)
         self._queue.clear()
-        if self.on_lost is not None:
-            on_lost, self.on_lost = self.on_lost, None
-            on_lost()
+        if self.abort_on_loss is not None:
+            peer, self.abort_on_loss = self.abort_on_loss, None
+            peer.abort()
         self._wake_writer()
 
     def pause_writing(self) -> None:
@@ -536,7 +538,7 @@ class ClientConnection(asyncio.Protocol):
         self._active = None
         self.task = None
         self.active_body = None
-        self.on_lost = None
+        self.abort_on_loss = None
         self.exchange = None
         self.watchdog = None
         self.flow_peer = None

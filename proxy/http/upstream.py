@@ -490,7 +490,8 @@ class UpstreamPool:
         """Back to the pool when it can carry another request; closed otherwise."""
         conn.flow_peer = None
         conn.sink = None
-        if self.closed or not conn.reusable:
+        head = conn.head  # ``reusable``, without the property call
+        if self.closed or not (conn.complete and head is not None and head.keep_alive) or conn.closed or conn.chunks:
             conn.abort()
             return
         if conn._reading_paused:  # paused for a slow client: a pooled connection must see a close
