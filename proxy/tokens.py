@@ -501,7 +501,8 @@ class TokenManager:
         """The current token while it is usable, else None (``current`` as a method: the request path asks
         once per request, and a property is a slow attribute lookup on CPython 3.11)."""
         token = self._current
-        if token is not None and self._clock() < token.usable_until:
+        clock = self._clock  # an instance attribute: called through a local, the lookup specializes
+        if token is not None and clock() < token.usable_until:
             return token
         return None
 

@@ -70,7 +70,8 @@ class ObserveFilter(Filter):
         head = ex.head
         route = ex.route.name if ex.route is not None else None
         if route is not None:
-            self.metrics.request_finished(route, head.method, ex.status, duration, ex.bytes_in, ex.conn.bytes_out)
+            count = self.metrics.request_finished  # an instance attribute: called through a local (3.11 lookups)
+            count(route, head.method, ex.status, duration, ex.bytes_in, ex.conn.bytes_out)
         access_log = self.access_log
         if access_log is None:
             return

@@ -510,8 +510,9 @@ class ClientConnection(asyncio.Protocol):
                 head, body = item
                 self.active_body = body
                 self._active = head
+                handler = self.listener.handler  # an instance attribute: called through a local (3.11 lookups)
                 try:
-                    self.listener.handler(self, head, body)
+                    handler(self, head, body)
                 except Exception as exc:  # a bug must cost one request, not the connection's silence
                     self.handler_failed(head, exc)
         finally:
