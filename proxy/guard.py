@@ -276,8 +276,7 @@ class Guard:
 
     def __init__(self, settings: GuardSettings) -> None:
         self.settings = settings
-        self._host_verdicts: dict[str, bool] = {}
-        self._raw_host_verdicts: dict[bytes, bool] = {}
+        self._host_verdicts: dict[bytes, bool] = {}  # by the raw Host value: no decoding per request
         hosts: set[tuple[str, str | None]] = set()
         for entry in settings.allowed_hosts:
             parsed = _split_host_port(entry)
@@ -396,11 +395,11 @@ class Guard:
         canonical = _canonical_host(host)
         return any(name == canonical and (want is None or want == port) for name, want in self.allowed_hosts)
 
-    def _host_value_allowed(self, value: str) -> bool:
+    def _host_value_allowed(self, value: bytes) -> bool:
         """``host_allowed`` for a raw ``Host`` value, remembered: clients send the same few values all day."""
         known = self._host_verdicts.get(value)
         if known is None:
-            parsed = _split_host_port(value)
+            parsed = _split_host_port(value.decode("latin-1"))
             known = parsed is not None and self.host_allowed(*parsed)
             if len(self._host_verdicts) < _HOST_CACHE_LIMIT:
                 self._host_verdicts[value] = known
@@ -418,7 +417,7 @@ class Guard:
                 "HTTP/1.1 requests must carry a Host header; send Host: 127.0.0.1:PORT or localhost:PORT.",
                 close=True,
             )
-        if len(values) == 1 and self._host_value_allowed(values[0]):
+        if len(values) == 1 and self._host_value_allowed(values[0].encode("latin-1")):  # the view decoded it
             return None
         shown = self.show(", ".join(values))
         return self.refuse(
@@ -573,14 +572,7 @@ class Guard:
                 host = value
             elif lname == b"origin" or lname == b"sec-fetch-site":
                 return False
-        if host is None:
-            return False
-        verdict = self._raw_host_verdicts.get(host)  # by the raw bytes: no decoding per request
-        if verdict is None:
-            verdict = self._host_value_allowed(host.decode("latin-1"))
-            if len(self._raw_host_verdicts) < _HOST_CACHE_LIMIT:
-                self._raw_host_verdicts[host] = verdict
-        return verdict
+        return host is not None and self._host_value_allowed(host)
 
     def check(self, request: GuardedRequest) -> tuple[Reply | None, str | None]:
         """All four checks in order: (the refusal or preflight answer, or None; the CORS origin, or None)."""

@@ -374,7 +374,7 @@ class Pipeline:
 
     def _discard(self, up: UpstreamConnection) -> None:
         """An answer the client will not see (replaced by a replay): keep the connection only if it is done."""
-        if up.complete and up.reusable:
+        if up.reusable():
             up.take_body()
             self.pool.release(up)
         else:

@@ -380,7 +380,7 @@ class ClientConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url  # one piece as a rule: joining to b"" copies nothing
-        limit = self.settings.max_header_size
+        limit = self._max_header
         if len(self._url) > limit:
             self._over_limit(
                 414,
@@ -400,8 +400,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _header_over_limit(self, count: int) -> None:
         """Answer 431 for the header that went over a limit (``_over_limit`` raises)."""
-        limit, most = self.settings.max_header_size, self.settings.max_headers
-        if count >= most or self._header_size > limit * 4:
+        limit, most = self._max_header, self._max_headers
+        if count >= most or self._header_size > self._max_head:
             what = "headers" if count >= most else "header bytes"
             self._over_limit(
                 431,

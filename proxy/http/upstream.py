@@ -164,7 +164,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._reset()
 
     def _reset(self) -> None:
-        self._lists_headers = False
+        self._new_answer_head()
         self.head: ResponseHead | None = None
         self.head_request = False
         self.got_bytes = False
@@ -173,10 +173,6 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.chunks: list[bytes] = []
         self.sink: Callable[[bytes], None] | None = None
         self.error: UpstreamError | None = None
-        self._headers: list[Header] = []
-        self._reason = b""
-        self._length: bytes | None = None
-        self._framed = False
         self._interim = False
         self._until_close = False
         self._reset_parser = False
@@ -186,6 +182,14 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         #: called once, from the read callback, when the answer's head is here or the attempt failed: the
         #: forwarding core's way to answer without a task (``response_head`` is the awaitable way)
         self.ready: Callable[[UpstreamConnection], None] | None = None
+
+    def _new_answer_head(self) -> None:
+        """What the parser callbacks collect of one answer head (again after an interim 1xx head)."""
+        self._headers: list[Header] = []
+        self._reason = b""
+        self._length: bytes | None = None
+        self._framed = False  # a Content-Length or Transfer-Encoding: the body does not end with the connection
+        self._lists_headers = False
 
     # ---------------------------------------------------------------- asyncio.BufferedProtocol
 
@@ -281,11 +285,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue & co: not the answer; the answer's own head starts afresh
-            self._headers = []
-            self._reason = b""
-            self._length = None
-            self._framed = False
-            self._lists_headers = False
+            self._new_answer_head()
             return
         raw = self._length
         length = int(raw) if raw is not None and raw.strip().isdigit() else None  # llhttp vetted it already
@@ -398,8 +398,8 @@ class UpstreamConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
             self.last_read = time.monotonic()  # not late while we were not reading
 
-    @property
     def reusable(self) -> bool:
+        """Complete, kept alive by the upstream, open, and its body taken: it can carry another request."""
         return self.complete and self.head is not None and self.head.keep_alive and not self.closed and not self.chunks
 
     # ---------------------------------------------------------------- outbound proxy tunnel
@@ -490,8 +490,7 @@ class UpstreamPool:
         """Back to the pool when it can carry another request; closed otherwise."""
         conn.flow_peer = None
         conn.sink = None
-        head = conn.head  # ``reusable``, without the property call
-        if self.closed or not (conn.complete and head is not None and head.keep_alive) or conn.closed or conn.chunks:
+        if self.closed or not conn.reusable():
             conn.abort()
             return
         if conn._reading_paused:  # paused for a slow client: a pooled connection must see a close
