@@ -1901,7 +1901,7 @@ def inspector_section(bench: Bench) -> list[str]:
         out += [
             "",
             f"The steady measure: `bench/micro.py` (the real listener, pipeline, filters and pool on uvloop, fake "
-            "transports, access log on) under callgrind with a fixed hash seed, reproducible to about 0.05 %. "
+            "transports, access log on) under callgrind with a fixed hash seed, repeatable to about 0.5 %. "
             "Its Python request path takes "
             f"{bench.inspector_micro_us:.1f} µs of the {cpu_off:.1f} µs of CPU a small GET costs end to end with "
             f"`ui: false` (the median above; the rest is the kernel, TLS and the event loop), so recording's share "
