@@ -779,6 +779,7 @@ class Bench:
         self.inspector_micro_us: float | None = None  # micro.py's CPU per request with ui: false (the Python part)
         self.token_requests_main: int | None = None
         self.event_loop: str = "unknown"
+        self.request_path: str = "unknown"
         self.profile_notes: list[str] = []
         self.started = time.monotonic()
         self.load_at_start = "?"
@@ -926,9 +927,13 @@ class Bench:
         wait_http_ok(f"http://127.0.0.1:{port}/-/readyz", proc, f"odata-auth-proxy ({name})", log_path)
         if variant.workers > 1:
             self.wait_workers_token(name, proc, variant.workers, log_path)
-        m = re.search(r"event loop: (\w+)", log_path.read_text(errors="replace"))
+        banner = log_path.read_text(errors="replace")
+        m = re.search(r"event loop: (\w+)", banner)
         if m:
             self.event_loop = m.group(1)
+        m = re.search(r"request path: (pure Python \(.*?\)|compiled \(mypyc\))\)", banner)
+        if m:
+            self.request_path = m.group(1)
         return proc
 
     @staticmethod
@@ -1406,6 +1411,7 @@ def machine_info(bench: Bench) -> list[tuple[str, str]]:
         ("aiohttp", aiohttp.__version__),
         ("uvloop", uvloop_version),
         ("proxy event loop", f"{bench.event_loop} (from the proxy's start-up banner)"),
+        ("proxy request path", f"{bench.request_path} (from the banner; see proxy/compiled.py)"),
         ("nginx", cmd_first_line([nginx_binary(), "-v"]).replace("nginx version: ", "")),
         ("wrk", cmd_first_line(["wrk", "-v"]).split(" Copyright")[0]),
         ("curl", " ".join(cmd_first_line(["curl", "--version"]).split()[:2])),

@@ -110,11 +110,11 @@ CONTAINERFILE
 fi
 
 # ---- 2. the project image -----------------------------------------------------------------------------------------
-# What the build reads (.dockerignore lets in pyproject.toml, README.md and proxy/ only), the Dockerfile, the base.
+# What the build reads (.dockerignore lets in pyproject.toml, setup.py, README.md and proxy/ only), the Dockerfile, the base.
 source_hash=$(
   {
     podman image inspect --format '{{.Id}}' "$BASE_IMAGE"
-    find Dockerfile .dockerignore pyproject.toml README.md proxy -type f \
+    find Dockerfile .dockerignore pyproject.toml setup.py README.md proxy -type f ! -name '*.so' ! -name '*.pyd' \
       ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
   } | sha256sum | cut -c1-16
 )

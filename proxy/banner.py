@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from proxy import __version__
+from proxy import BUILD, __version__
 from proxy.app import Prepared
 from proxy.logs import log_event
 
@@ -30,11 +30,13 @@ def log_banner(
     log_event(
         log,
         logging.INFO,
-        f"odata-auth-proxy {__version__} listening on {base} (event loop: {loop_name})",
+        f"odata-auth-proxy {__version__} listening on {base} (event loop: {loop_name}; request path: "
+        f"{BUILD.describe()})",
         event="start",
         listen=base,
         version=__version__,
         event_loop=loop_name,
+        request_path="compiled" if BUILD.compiled else "pure",
     )
     for line in extra:
         log_event(log, logging.INFO, line, event="start")

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from proxy import __version__
+from proxy import BUILD, __version__
 from proxy.config import Config, ConfigError, Overrides, load_config, workers_problem
 from proxy.guard import listen_address_problem
 
@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="run 'odata-auth-proxy COMMAND --help' for a command's options and examples",
     )
-    parser.add_argument("--version", action="version", version=f"odata-auth-proxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"odata-auth-proxy {__version__} (request path: {BUILD.describe()})"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser(

@@ -182,7 +182,7 @@ class MultiRewriter:
         held, self._held = self._held, b""
         return self._process(held, final=True)
 
-    def rewrite(self, body: bytes) -> bytes:
+    def whole(self, body: bytes) -> bytes:
         """A whole body at once (same result as ``feed(body) + flush()``, without the tail bookkeeping)."""
         regex = self._regex
         data = self._held + body if self._held else body
@@ -192,8 +192,6 @@ class MultiRewriter:
         if regex is None or data.find(self._needle) < 0 or regex.search(data) is None:
             return data  # the common case: nothing to replace, nothing copied
         return self._process(data, final=True)
-
-    whole = rewrite  # the BodyTransform name for it
 
     def _process(self, buf: bytes, *, final: bool) -> bytes:
         regex = self._regex

@@ -202,7 +202,7 @@ async def test_the_reload_command_against_a_running_proxy(tmp_path: Path, backen
         (line,) = result.stderr.splitlines()
         assert "answered 401 proxy_auth_required" in line and "inbound_api_key" in line, line
         if windows:
-            assert "(event loop: asyncio)" in running.stderr  # really ran under the simulation
+            assert "(event loop: asyncio; " in running.stderr  # really ran under the simulation
     assert API_KEY not in running.stderr
 
     # nothing listens any more: one line, exit 1

@@ -189,7 +189,8 @@ async def test_help_of_every_subcommand_has_examples(command: list[str]) -> None
 async def test_version() -> None:
     result = await run_cli("--version")
     assert result.returncode == 0
-    assert result.stdout.strip() == f"odata-auth-proxy {proxy.__version__}"
+    # the version, and whether the request path runs compiled (mypyc) or as pure Python, and why
+    assert result.stdout.strip() == f"odata-auth-proxy {proxy.__version__} (request path: {proxy.BUILD.describe()})"
 
 
 # --------------------------------------------------------------------------- start-up errors: exit 2, one line

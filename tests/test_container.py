@@ -310,6 +310,8 @@ async def test_env_only_start_on_all_interfaces_needs_the_api_key(podman: Podman
     records = json_records(logs, CLIENT_SECRET, API_KEY, *backend.tokens.issued)
     start = next(r for r in records if r.get("event") == "start")
     assert start["listen"] == f"http://127.0.0.1:{running.port}", start  # the banner names a usable address
+    # the build stage had a C compiler: the image runs the request path compiled (mypyc), not the slow fallback
+    assert start["request_path"] == "compiled", start
     assert any(r.get("event") == "route" and r.get("upstream", "").startswith(backend.upstream.url) for r in records)
 
 

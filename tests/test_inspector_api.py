@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import types
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,7 +22,9 @@ from aiohttp import web
 
 from proxy.app import prepare
 from proxy.config import Overrides, merge_overrides, overrides_from_env
+from proxy.exchange import Exchange
 from proxy.http.heads import RequestHead
+from proxy.http.listener import ClientConnection, Listener, ListenerSettings, RequestBody
 from proxy.inspector.events import stream_events
 from proxy.inspector.recorder import BUCKET_S, MAX_STREAMS, RING_SIZE, Recorder, Ring
 from proxy.server import ProxyServer
@@ -551,28 +552,25 @@ async def test_admin_port_event_stream_ends_when_the_proxy_drains(tmp_path: Path
         await server.stop()
 
 
-class FinishedExchange:
-    """What ``Recorder.record`` reads of a finished exchange (a plain GET the proxy answered itself)."""
-
-    def __init__(self, ended: float, duration: float) -> None:
-        self.head = RequestHead()
-        self.head.method, self.head.target = "GET", "/api/v1/x"
-        self.started, self.ended, self.duration = ended - duration, ended, duration
-        self.route = self.upstream = self.upstream_status = self.replayed = self.error = self.token = None
-        self.csrf_key = None
-        self.admin = False
-        self.status, self.bytes_in, self.request_id, self.extra = 200, 0, "r", ()
-        self.conn = types.SimpleNamespace(bytes_out=0)
+def finished_exchange(conn: ClientConnection, ended: float, duration: float) -> Exchange:
+    """A real exchange as ``Recorder.record`` finds it: a plain GET the proxy answered itself, at ``ended``."""
+    head = RequestHead()
+    head.method, head.target = "GET", "/api/v1/x"
+    ex = Exchange(conn, head, RequestBody(conn))
+    ex.started, ex.ended, ex.duration = ended - duration, ended, duration
+    ex.status, ex.request_id = 200, "r"
+    return ex
 
 
-def test_buckets_count_every_request_and_take_percentiles_from_the_ring() -> None:
+async def test_buckets_count_every_request_and_take_percentiles_from_the_ring() -> None:
     """Nothing is counted per request for the charts: a closed bucket's count comes from the sequence numbers
     (exact beyond the ring's 500), its p50/p99 from its exchanges still in the ring (the newest 500)."""
+    conn = Listener(lambda conn, head, body: None, ListenerSettings()).protocol()
     recorder = Recorder()
     now = time.perf_counter()
     for i in range(1, 701):  # 1 … 700 ms, in one bucket
-        recorder.record(FinishedExchange(now, i / 1000))  # type: ignore[arg-type]
-    recorder.record(FinishedExchange(now + BUCKET_S + 0.5, 0.001))  # type: ignore[arg-type]  # the next bucket
+        recorder.record(finished_exchange(conn, now, i / 1000))
+    recorder.record(finished_exchange(conn, now + BUCKET_S + 0.5, 0.001))  # the next bucket
     _, series = recorder.series()
     (bucket,) = [b for b in series if b[1]]
     _, count, p50, p99 = bucket

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
+from proxy.compiled import COMPILE_ENV, PURE_ENV
 from proxy.config import ENV_PREFIX as ENV
 from proxy.config import Overrides, load_config, overrides_from_env
 from proxy.guard import is_loopback, listen_address_problem
@@ -144,7 +145,7 @@ def image_env() -> dict[str, str]:
 def known_env_names() -> set[str]:
     names = {ENV + n for n in re.findall(r'get\("([A-Z_]+)"\)', inspect.getsource(overrides_from_env))}
     assert len(names) >= 10, names
-    return names | {ENV + "INBOUND_API_KEY", ENV + "KEY_PASSWORD"}
+    return names | {ENV + "INBOUND_API_KEY", ENV + "KEY_PASSWORD", COMPILE_ENV, PURE_ENV}
 
 
 def service_key_file(tmp_path: Path) -> Path:

@@ -32,6 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import Prepared, prepare
 from proxy.cli import build_parser
+from proxy.compiled import COMPILE_ENV, PURE_ENV
 from proxy.config import ENV_PREFIX, ConfigError, Overrides, load_config, overrides_from_env
 from proxy.guard import listen_address_problem
 from proxy.metrics import ProxyMetrics
@@ -959,7 +960,8 @@ def known_env_names() -> set[str]:
     source = inspect.getsource(overrides_from_env)
     names = {ENV_PREFIX + n for n in re.findall(r'get\("([A-Z_]+)"\)', source)}
     assert len(names) >= 10, names
-    return names | {ENV_PREFIX + "INBOUND_API_KEY", ENV_PREFIX + "KEY_PASSWORD"}
+    # and the two that choose compiled or pure Python (at install and at run time; proxy/compiled.py)
+    return names | {ENV_PREFIX + "INBOUND_API_KEY", ENV_PREFIX + "KEY_PASSWORD", COMPILE_ENV, PURE_ENV}
 
 
 def test_compose_example_uses_known_variables_and_a_valid_sidecar_config(tmp_path: Path) -> None:

@@ -83,7 +83,7 @@ async def test_serves_with_a_certificate_key_and_drains_on_sigint(
     args = ("run", "--config", str(config), "--service-key", str(key), "--shutdown-timeout", "5")
     async with proxy_process(tmp_path, *args, port=port, env=windows_env()) as running:
         await running.wait_ready()
-        assert "(event loop: asyncio)" in running.stderr
+        assert "(event loop: asyncio; request path: " in running.stderr
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as client:
             async with client.get(running.base + "/api/v1/echo/win") as resp:
                 assert resp.status == 200, await resp.text()
@@ -175,7 +175,7 @@ async def test_demo_serves_and_stops_on_sigint(tmp_path: Path) -> None:
         code, took = await running.stop(signal.SIGINT, deadline=10)
     assert code == 0, running.stderr
     assert took < 5
-    assert "(event loop: asyncio)" in running.stderr
+    assert "(event loop: asyncio; request path: " in running.stderr
     assert "SIGINT received: draining" in running.stderr
     assert running.stderr.rstrip().endswith("stopped"), running.stderr
     assert "Traceback" not in running.stderr

@@ -12,7 +12,9 @@ a hook nobody implements costs nothing on the request path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
+
+from mypy_extensions import mypyc_attr
 
 from proxy.exchange import Exchange
 from proxy.http.heads import Reply, ResponseHead
@@ -38,15 +40,16 @@ class Pending:
 PENDING = Pending()
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # compiled (proxy/compiled.py), yet open to filters of your own
 class Filter:
     """Base class: every hook does nothing. Override the ones the filter needs."""
 
-    name = "filter"
+    name: ClassVar[str] = "filter"
     #: client request headers this filter always replaces with its own: never forwarded as the client sent them
     #: (per request, ``Exchange.dont_forward``)
-    replaces: frozenset[bytes] = frozenset()
+    replaces: ClassVar[frozenset[bytes]] = frozenset()
     #: the answer statuses ``on_answer`` acts on; the core calls it for no other
-    answer_statuses: frozenset[int] = frozenset()
+    answer_statuses: ClassVar[frozenset[int]] = frozenset()
 
     def request(self, ex: Exchange) -> Reply | Pending | None:
         """The request head arrived: answer it here (a Reply), let it go on (None), or ask for ``prepare``
@@ -83,6 +86,10 @@ class Filter:
     def finished(self, ex: Exchange) -> None:
         """The exchange is over (answered, failed or cut): observe it."""
 
+    def finished_hook(self) -> Callable[[Exchange], None]:
+        """What the chain calls as ``finished``: a filter may hand out another object's method instead."""
+        return self.finished
+
 
 def _overrides(flt: Filter, hook: str) -> bool:
     return getattr(type(flt), hook) is not getattr(Filter, hook)
@@ -108,7 +115,7 @@ class Chain:
         self.request_hooks = tuple(f.request for f in self.on_request)
         self.upstream_header_hooks = tuple(f.upstream_headers for f in pick("upstream_headers"))
         self.response_header_hooks = tuple(f.response_headers for f in pick("response_headers"))
-        self.finished_hooks = tuple(f.finished for f in reversed(pick("finished")))
+        self.finished_hooks = tuple(f.finished_hook() for f in reversed(pick("finished")))
         rewrites: dict[bytes, HeaderRewrite] = {}
         for flt in self.filters:
             rewrites.update(flt.header_rewrites())

@@ -39,7 +39,7 @@ class LinkTransform:
     def whole(self, body: bytes) -> bytes:
         """A whole (small) body at once."""
         if self.decompress is None or self.compress is None:
-            return self.rewriter.rewrite(body)
+            return self.rewriter.whole(body)
         return self.feed(body) + self.flush()
 
     def flush(self) -> bytes:
