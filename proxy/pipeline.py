@@ -82,13 +82,12 @@ class Pipeline:
         try:
             reply: Reply | Pending | None = None
             pending: list[Filter] | None = None
-            for index, hook in enumerate(self.chain.request_hooks):
-                reply = hook(ex)
+            for flt in self.chain.on_request:
+                reply = flt.request(ex)
                 if reply is not None:
                     if reply is not PENDING:
                         break
                     reply = None
-                    flt = self.chain.on_request[index]
                     pending = [flt] if pending is None else [*pending, flt]
             if isinstance(reply, Reply):
                 self.answer(ex, reply)
@@ -173,8 +172,8 @@ class Pipeline:
                 ex.status = 500 if ex.error is None else 502
             ended = ex.ended = time.perf_counter()  # one clock reading for every filter that observes the end
             ex.duration = ended - ex.started
-            for finished in self.chain.finished_hooks:
-                finished(ex)
+            for flt in self.chain.on_finished:
+                flt.finished(ex)
         finally:
             ex.conn.request_done(ex.head, close=close)
 
@@ -189,8 +188,8 @@ class Pipeline:
         lines = [status_line(reply.status)]
         for name, value in reply.headers:
             lines.append(f"{name}: {value}\r\n".encode("latin-1", "replace"))
-        for response_headers in self.chain.response_header_hooks:
-            response_headers(ex, lines)
+        for flt in self.chain.on_response_headers:
+            flt.response_headers(ex, lines)
         if reply.status in (204, 304):  # RFC 9110 §8.6: no Content-Length on a 204, no body on either
             conn.start_response(ex.head, b"".join(lines), None, keep_alive=not reply.close, has_body=False)
             return
@@ -308,8 +307,8 @@ class Pipeline:
             b"\r\n",
         ]
         added: list[bytes] = []
-        for upstream_headers in self.chain.upstream_header_hooks:
-            upstream_headers(ex, added)  # first: a filter may also drop the client's own version
+        for flt in self.chain.on_upstream_headers:
+            flt.upstream_headers(ex, added)  # first: a filter may also drop the client's own version
         drop, never = ex.drop, self._never_forwarded
         listed = connection_listed(head.headers) if head.connection else ()
         for lname, name, value in head.headers:
@@ -393,8 +392,8 @@ class Pipeline:
             if lname in rewrites:
                 value = rewrites[lname](ex, value)
             lines.extend((name, b": ", value, b"\r\n"))  # pieces of the caller's one join
-        for response_headers in self.chain.response_header_hooks:
-            response_headers(ex, lines, answer)
+        for flt in self.chain.on_response_headers:
+            flt.response_headers(ex, lines, answer)
         return lines
 
     def _transform(self, ex: Exchange, answer: ResponseHead, *, whole: bool) -> BodyTransform | None:

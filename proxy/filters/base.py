@@ -86,10 +86,6 @@ class Filter:
     def finished(self, ex: Exchange) -> None:
         """The exchange is over (answered, failed or cut): observe it."""
 
-    def finished_hook(self) -> Callable[[Exchange], None]:
-        """What the chain calls as ``finished``: a filter may hand out another object's method instead."""
-        return self.finished
-
 
 def _overrides(flt: Filter, hook: str) -> bool:
     return getattr(type(flt), hook) is not getattr(Filter, hook)
@@ -105,17 +101,14 @@ class Chain:
         def pick(hook: str) -> tuple[Filter, ...]:
             return tuple(f for f in self.filters if _overrides(f, hook))
 
-        self.on_request = pick("request")  # the filters, for their ``prepare`` when one returns PENDING
+        self.on_request = pick("request")
         self.on_request_body = pick("request_body")
+        self.on_upstream_headers = pick("upstream_headers")
         self.on_answer = pick("on_answer")
         self.answer_statuses = frozenset().union(*(f.answer_statuses for f in self.on_answer))
+        self.on_response_headers = pick("response_headers")
         self.on_body = pick("body_transform")
-        # the per-request hooks as bound methods, made once: a loop calling ``flt.hook(...)`` on filters of
-        # different classes cannot specialize its method lookup on CPython 3.11 (a slow lookup per filter)
-        self.request_hooks = tuple(f.request for f in self.on_request)
-        self.upstream_header_hooks = tuple(f.upstream_headers for f in pick("upstream_headers"))
-        self.response_header_hooks = tuple(f.response_headers for f in pick("response_headers"))
-        self.finished_hooks = tuple(f.finished_hook() for f in reversed(pick("finished")))
+        self.on_finished = tuple(reversed(pick("finished")))  # the innermost filter first, like a stack unwinding
         rewrites: dict[bytes, HeaderRewrite] = {}
         for flt in self.filters:
             rewrites.update(flt.header_rewrites())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import re
 import secrets
@@ -43,7 +42,8 @@ class ObserveFilter(Filter):
         self._api_key = api_key.reveal() if api_key is not None else None
         self.worker = worker
         self._prefix = secrets.token_hex(6)
-        self._counter = itertools.count(1)
+        self._number = 0
+        self._id_prefix = self._prefix + "-"
         self._line_prefix = f"X-Request-Id: {self._prefix}-".encode()
 
     def request(self, ex: Exchange) -> None:
@@ -54,9 +54,10 @@ class ObserveFilter(Filter):
                 ex.request_id = text
                 ex.request_id_line = b"X-Request-Id: " + incoming + b"\r\n"
                 return None
-        number = next(self._counter)
-        ex.request_id = f"{self._prefix}-{number:x}"
-        ex.request_id_line = self._line_prefix + b"%x\r\n" % number
+        self._number = number = self._number + 1
+        hexed = hex(number)[2:]  # compiled, a builtin call and a slice: cheaper than a format spec or ``%``
+        ex.request_id = self._id_prefix + hexed
+        ex.request_id_line = self._line_prefix + hexed.encode() + b"\r\n"
         return None
 
     def upstream_headers(self, ex: Exchange, out: list[bytes]) -> None:
