@@ -8,7 +8,8 @@ as pure Python and behaves the same, only slower.
 The compiled modules are one unit (one shared library whose modules call each other directly, by C types), so
 either all of them load compiled or all load from their ``.py`` sources, never a mix. Sources load when
 ``ODATA_AUTH_PROXY_PURE=1`` is set, when a compiled file is missing, or when a source is newer than its compiled
-file: an editable install edited after ``pip install -e .`` must run the edit, not the stale build.
+file in a source checkout: an editable install edited after ``pip install -e .`` must run the edit, not the stale
+build (an installed wheel's time stamps mean nothing of the kind, so there only presence counts).
 
 This module imports nothing of the project: ``setup.py`` reads ``MODULES`` from it before anything is installed.
 """
@@ -18,7 +19,9 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import os
+import site
 import sys
+import sysconfig
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,18 +80,31 @@ def _compiled_file(source: Path) -> Path | None:
     return None
 
 
+def installed_copy(root: Path) -> bool:
+    """Installed from a wheel into a site-packages directory (not a source checkout): nobody edits it in place,
+    and pip gives its files the wheel's time stamps, so a source may look as new as its compiled file or newer."""
+    places = {sysconfig.get_paths()[name] for name in ("purelib", "platlib")} | {site.getusersitepackages()}
+    return any(root == Path(place).resolve() for place in places)
+
+
 def inspect_build(
-    modules: Sequence[str] = MODULES, environ: Mapping[str, str] = os.environ, root: Path = _ROOT
+    modules: Sequence[str] = MODULES,
+    environ: Mapping[str, str] = os.environ,
+    root: Path = _ROOT,
+    check_age: bool | None = None,
 ) -> Build:
-    """Decide, from the files next to the sources, whether the compiled modules can be used."""
+    """Decide, from the files next to the sources, whether the compiled modules can be used. ``check_age``: whether
+    a source newer than its compiled file means an edit (default: in a source checkout, not an installed copy)."""
     if environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         return Build(False, f"{PURE_ENV} is set")
+    if check_age is None:
+        check_age = not installed_copy(root)
     for module in modules:
         source = source_of(module, root)
         compiled = _compiled_file(source)
         if compiled is None:
             return Build(False, f"not compiled at install: no C compiler, or {COMPILE_ENV}=0")
-        if source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
+        if check_age and source.exists() and source.stat().st_mtime > compiled.stat().st_mtime:
             return Build(
                 False,
                 f"{source.name} is newer than its compiled file: run `pip install -e .` again to compile the edit",

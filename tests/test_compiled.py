@@ -12,12 +12,13 @@ import json
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
 import proxy
-from proxy.compiled import MODULES, PURE_ENV, inspect_build, source_of
+from proxy.compiled import MODULES, PURE_ENV, inspect_build, installed_copy, source_of
 from tests.conftest import Backend, child_env, free_port
 from tests.test_cli import config_file, curl, proxy_process
 
@@ -64,6 +65,16 @@ def test_an_edited_source_is_run_instead_of_its_stale_compiled_file(tmp_path: Pa
     build = inspect_build(FAKE_MODULES, {}, tmp_path)
     assert not build.compiled
     assert "a.py is newer than its compiled file" in build.reason and "pip install -e ." in build.reason
+
+
+def test_an_installed_copy_is_not_judged_by_its_time_stamps(tmp_path: Path) -> None:
+    """pip gives a wheel's files the wheel's time stamps (to two seconds): in site-packages a source can look
+    newer than its compiled file without any edit, so there only presence counts."""
+    fake_tree(tmp_path, compiled=True)
+    source_of("pkg.a", tmp_path).write_text("X = 2\n")
+    assert inspect_build(FAKE_MODULES, {}, tmp_path, check_age=False).compiled
+    assert installed_copy(Path(sysconfig.get_paths()["purelib"]).resolve())
+    assert not installed_copy(tmp_path)
 
 
 def test_no_compiled_files_at_all(tmp_path: Path) -> None:
