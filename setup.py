@@ -43,7 +43,9 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # a missing compiler shows up as one of several distutils errors
             for ext in self.extensions:
                 Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
-            say(f"compiling the request path failed ({exc}); installing pure Python (same behaviour, slower)")
+            reason = f"{type(exc).__name__}: {exc}"
+            reason = reason if len(reason) <= 200 else reason[:200] + " …"
+            say(f"compiling the request path failed ({reason}); installing pure Python (same behaviour, slower)")
 
 
 def extensions() -> list[Any]:
