@@ -7,7 +7,7 @@ build the upstream request, and the observing filter turns it into the access lo
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.guard import ADMIN_PREFIX
 
@@ -18,9 +18,9 @@ if TYPE_CHECKING:
     from proxy.http.upstream import Origin, UpstreamConnection
     from proxy.tokens import Token
 
-_NOTHING: frozenset[bytes] = frozenset()
-CLIENT_DISCONNECTED = "client_disconnected"
-DRAIN_TIMEOUT = "drain_timeout"
+_NOTHING: Final[frozenset[bytes]] = frozenset()
+CLIENT_DISCONNECTED: Final = "client_disconnected"
+DRAIN_TIMEOUT: Final = "drain_timeout"
 
 
 class Exchange:

@@ -52,6 +52,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Final
 from urllib.parse import unquote
 
 from proxy.http.heads import Reply, RequestHead, json_reply
@@ -67,25 +68,25 @@ __all__ = [
     "listen_address_problem",
 ]
 
-DEFAULT_API_KEY_HEADER = "X-Proxy-Api-Key"
-ADMIN_PREFIX = "/-/"
+DEFAULT_API_KEY_HEADER: Final = "X-Proxy-Api-Key"
+ADMIN_PREFIX: Final = "/-/"
 
-_LOG = logging.getLogger("odata_auth_proxy.guard")
+_LOG: Final = logging.getLogger("odata_auth_proxy.guard")
 
 #: Admin endpoints polled by container health checks: no API key needed (all other checks apply).
-_KEYLESS_PATHS = frozenset({f"{ADMIN_PREFIX}healthz", f"{ADMIN_PREFIX}readyz"})
-_CORS_METHODS = "GET, HEAD, POST, PUT, PATCH, MERGE, DELETE, OPTIONS"
-_CORS_MAX_AGE = "600"
-_REALM_CHALLENGE = 'Bearer realm="odata-auth-proxy"'
-_MAX_ECHO = 100
-_MAX_DECODE_ROUNDS = 4
-_REFUSED_METHODS = frozenset({"CONNECT", "TRACE", "TRACK"})
-_HOST_CACHE_LIMIT = 256  # distinct Host values remembered (bounded: the header is the client's to choose)
+_KEYLESS_PATHS: Final = frozenset({f"{ADMIN_PREFIX}healthz", f"{ADMIN_PREFIX}readyz"})
+_CORS_METHODS: Final = "GET, HEAD, POST, PUT, PATCH, MERGE, DELETE, OPTIONS"
+_CORS_MAX_AGE: Final = "600"
+_REALM_CHALLENGE: Final = 'Bearer realm="odata-auth-proxy"'
+_MAX_ECHO: Final = 100
+_MAX_DECODE_ROUNDS: Final = 4
+_REFUSED_METHODS: Final = frozenset({"CONNECT", "TRACE", "TRACK"})
+_HOST_CACHE_LIMIT: Final = 256  # distinct Host values remembered (bounded: the header is the client's to choose)
 
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
-_PORT_RE = re.compile(r"[0-9]{1,5}")
-_ORIGIN_RE = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#@\s]+)")
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_SCHEME_RE: Final = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_PORT_RE: Final = re.compile(r"[0-9]{1,5}")
+_ORIGIN_RE: Final = re.compile(r"([a-z][a-z0-9+.-]*)://([^/?#@\s]+)")
+_TOKEN_RE: Final = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ import logging
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
-ACCESS_LOGGER = "odata_auth_proxy.access"
-ROOT_LOGGER = "odata_auth_proxy"
+ACCESS_LOGGER: Final = "odata_auth_proxy.access"
+ROOT_LOGGER: Final = "odata_auth_proxy"
 
 
 class JsonFormatter(logging.Formatter):
@@ -71,9 +71,9 @@ def log_event(logger: logging.Logger, level: int, message: str, **fields: Any) -
     logger.log(level, message, extra={"fields": fields})
 
 
-_TWO_DIGITS = tuple(f"{n:02d}" for n in range(100))  # the hundredths of a millisecond, without formatting each
-FLUSH_DELAY = 0.05  # an access log line is written at most this long after its request ended
-FLUSH_LINES = 256  # or when this many lines wait
+_TWO_DIGITS: Final = tuple(f"{n:02d}" for n in range(100))  # the hundredths of a millisecond, without formatting each
+FLUSH_DELAY: Final = 0.05  # an access log line is written at most this long after its request ended
+FLUSH_LINES: Final = 256  # or when this many lines wait
 
 
 class AccessLog:

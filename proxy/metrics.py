@@ -25,6 +25,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable
+from typing import Final
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -43,10 +44,10 @@ import proxy
 
 log = logging.getLogger("odata_auth_proxy.metrics")
 
-PREFIX = "odata_auth_proxy"
+PREFIX: Final = "odata_auth_proxy"
 
 #: Request duration buckets (seconds): a local proxy adds little, upstream OData calls can be slow.
-REQUEST_BUCKETS: tuple[float, ...] = (
+REQUEST_BUCKETS: Final[tuple[float, ...]] = (
     0.001,
     0.0025,
     0.005,
@@ -65,14 +66,14 @@ REQUEST_BUCKETS: tuple[float, ...] = (
 )
 
 #: Token endpoint round trips: tens of milliseconds to the request timeout.
-TOKEN_BUCKETS: tuple[float, ...] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS: Final[tuple[float, ...]] = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-KNOWN_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "MERGE", "DELETE", "OPTIONS"})
+KNOWN_METHODS: Final[frozenset[str]] = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "MERGE", "DELETE", "OPTIONS"})
 
 #: Longest free-form label value (outcome, reason, code) we keep.
-MAX_LABEL_LEN = 40
+MAX_LABEL_LEN: Final = 40
 
-NO_ROUTE = "none"
+NO_ROUTE: Final = "none"
 
 
 def route_label(route: str) -> str:

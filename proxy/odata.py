@@ -22,7 +22,7 @@ from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Protocol
+from typing import Final, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -50,7 +50,7 @@ __all__ = [
 
 # --------------------------------------------------------------------------- link rewriting
 
-REWRITABLE_TYPES = frozenset(
+REWRITABLE_TYPES: Final = frozenset(
     {
         "application/json",
         "application/xml",
@@ -59,7 +59,7 @@ REWRITABLE_TYPES = frozenset(
         "text/xml",
     }
 )
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 
 class StreamRewriter:
@@ -315,8 +315,8 @@ def reverse_rewrite(body: bytes, pairs: Sequence[tuple[bytes, bytes]]) -> bytes:
 
 # --------------------------------------------------------------------------- CSRF
 
-WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "MERGE", "DELETE"})
-CSRF_HEADER = "X-CSRF-Token"
+WRITE_METHODS: Final = frozenset({"POST", "PUT", "PATCH", "MERGE", "DELETE"})
+CSRF_HEADER: Final = "X-CSRF-Token"
 
 
 def is_write(method: str) -> bool:
@@ -527,7 +527,7 @@ def csrf_fetch_url(upstream_base: str) -> str:
     return base
 
 
-_FETCH_BODY_LIMIT = 1024 * 1024
+_FETCH_BODY_LIMIT: Final = 1024 * 1024
 
 
 async def fetch_csrf(

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Final
 
 from proxy.exchange import CLIENT_DISCONNECTED, Exchange
 from proxy.filters.base import PENDING, BodyTransform, Chain, Filter, Pending
@@ -29,10 +29,10 @@ from proxy.throttle import LogThrottle
 log = logging.getLogger("odata_auth_proxy.forward")
 
 # Never copied from the client: set by us (Host, Authorization, Content-Length) or answered here (Expect).
-_REQUEST_DROP = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
-_ANSWER_DROP = HOP_BY_HOP | {b"content-length"}  # framing is ours: set per client, never copied
-SMALL_BODY = 64 * 1024  # sized answers up to this are read whole and sent in one write
-_MAX_ATTEMPTS = 4  # first send, a 401 replay, a CSRF replay, one retry on a stale pooled connection
+_REQUEST_DROP: Final = HOP_BY_HOP | {b"host", b"authorization", b"content-length", b"expect"}
+_ANSWER_DROP: Final = HOP_BY_HOP | {b"content-length"}  # framing is ours: set per client, never copied
+SMALL_BODY: Final = 64 * 1024  # sized answers up to this are read whole and sent in one write
+_MAX_ATTEMPTS: Final = 4  # first send, a 401 replay, a CSRF replay, one retry on a stale pooled connection
 
 
 class BodyTooLarge(Exception):
@@ -45,7 +45,7 @@ class Later:
     __slots__ = ()
 
 
-_LATER = Later()
+_LATER: Final = Later()
 
 
 @dataclass(frozen=True)

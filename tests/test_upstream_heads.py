@@ -19,6 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from proxy.http.heads import HeaderNames
 from tests.conftest import Backend, make_config, running_proxy, secret_route
 
 
@@ -202,3 +203,17 @@ async def test_an_endless_head_is_refused(tmp_path: Path, backend: Backend) -> N
             body = await resp.json()
     assert body["error"] == "upstream_protocol_error"
     assert "longer than 65536 bytes" in body["detail"]
+
+
+def test_header_names_are_lowered_and_remembered_up_to_a_limit() -> None:
+    """Both parsers lower-case header names through one remembering table each (a dictionary lookup instead of a
+    ``bytes.lower`` call per header); the names come from the peer, so the table stops growing at its limit."""
+    names = HeaderNames()
+    first = names.lower(b"Content-Type")
+    assert first == b"content-type"
+    assert names.lower(b"Content-Type") is first  # remembered, not lowered again
+    for number in range(HeaderNames.LIMIT + 100):
+        assert names.lower(b"X-Name-%d" % number) == b"x-name-%d" % number
+    assert len(names._known) == HeaderNames.LIMIT
+    assert names.lower(b"X-After-The-Limit") == b"x-after-the-limit"  # still right, only not remembered
+    assert len(names._known) == HeaderNames.LIMIT

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from proxy.exchange import Exchange
 from proxy.filters.base import PENDING, Filter, Pending
@@ -25,9 +25,9 @@ from proxy.tokens import TokenError
 if TYPE_CHECKING:
     from proxy.app import ProxyState
 
-ADMIN_PATHS = ("/-/healthz", "/-/readyz", "/-/metrics")
-RELOAD_PATH = "/-/reload"
-_RELOAD_ERRORS = {409: "reload_refused", 500: "reload_error", 501: "reload_unsupported"}
+ADMIN_PATHS: Final = ("/-/healthz", "/-/readyz", "/-/metrics")
+RELOAD_PATH: Final = "/-/reload"
+_RELOAD_ERRORS: Final = {409: "reload_refused", 500: "reload_error", 501: "reload_unsupported"}
 
 
 def admin_reply(path: str, state: ProxyState) -> Reply | None:
@@ -42,9 +42,9 @@ def admin_reply(path: str, state: ProxyState) -> Reply | None:
     return None
 
 
-_OAUTH_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_OAUTH_CODE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 # our own error categories (``TokenError.error`` when the token server gave no OAuth error)
-_OWN_ERRORS = {
+_OWN_ERRORS: Final = {
     "unreachable": "token server unreachable",
     "timeout": "token server did not answer in time",
     "tls_error": "TLS handshake with the token server failed",

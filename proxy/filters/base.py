@@ -12,7 +12,7 @@ a hook nobody implements costs nothing on the request path.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar, Protocol
+from typing import ClassVar, Final, Protocol
 
 from mypy_extensions import mypyc_attr
 
@@ -37,7 +37,7 @@ class Pending:
     __slots__ = ()
 
 
-PENDING = Pending()
+PENDING: Final = Pending()
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)  # compiled (proxy/compiled.py), yet open to filters of your own

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 import aiohttp
 
@@ -28,7 +29,7 @@ from proxy.tokens import Token
 log = logging.getLogger("odata_auth_proxy.forward")
 
 
-_READS = frozenset({"GET", "HEAD", "OPTIONS"})  # most requests: known not to be writes without a call
+_READS: Final = frozenset({"GET", "HEAD", "OPTIONS"})  # most requests: known not to be writes without a call
 
 
 class CsrfFilter(Filter):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Final
 
 from proxy.config import Route
 from proxy.exchange import Exchange
@@ -13,8 +14,8 @@ from proxy.filters.base import BodyTransform, Filter
 from proxy.http.heads import ResponseHead
 from proxy.odata import MultiRewriter, RewritePlan, link_rewrite_pairs, reverse_rewrite, should_rewrite
 
-_REWRITABLE_ENCODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
-_PLAN_CACHE_LIMIT = 256  # bounded: proxy bases come from the (allow-listed) Host header
+_REWRITABLE_ENCODINGS: Final = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+_PLAN_CACHE_LIMIT: Final = 256  # bounded: proxy bases come from the (allow-listed) Host header
 # replacement pairs, their compiled plan, and a rewriter for whole bodies (``rewrite`` keeps no state between
 # calls, so one per plan serves every whole body)
 _Plan = tuple[list[tuple[bytes, bytes]], RewritePlan, MultiRewriter]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from typing import Final
 
 from proxy.exchange import Exchange
 from proxy.filters.base import Filter
@@ -13,7 +14,7 @@ from proxy.logs import AccessLog
 from proxy.metrics import ProxyMetrics
 from proxy.redact import Secret
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_REQUEST_ID: Final = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 
 
 class ObserveFilter(Filter):

@@ -10,12 +10,12 @@ import functools
 import json
 from collections.abc import Iterable, Iterator
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Final
 
 Header = tuple[bytes, bytes, bytes]  # (lower-case name, name as sent, value)
 
 #: RFC 9110 §7.6.1 and the Proxy-* family: never forwarded in either direction.
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {
         b"connection",
         b"keep-alive",
@@ -36,11 +36,11 @@ def _status_lines() -> dict[int, bytes]:
     return lines
 
 
-STATUS_LINES = _status_lines()
+STATUS_LINES: Final = _status_lines()
 
 
 #: the standard reason phrase of each status, to tell whether an upstream's own is the standard one
-_PHRASES = {s.value: s.phrase.encode() for s in HTTPStatus}
+_PHRASES: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 
 def status_line(status: int, reason: bytes | None = None) -> bytes:
@@ -52,7 +52,7 @@ def status_line(status: int, reason: bytes | None = None) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d Unknown\r\n" % status
 
 
-PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})  # hop-by-hop already: nothing more to drop
+PLAIN_CONNECTION: Final = frozenset({b"keep-alive", b"close"})  # hop-by-hop already: nothing more to drop
 
 
 def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
@@ -64,6 +64,25 @@ def connection_listed(headers: Iterable[Header]) -> frozenset[bytes]:
                 continue
             listed.update(t.strip().lower() for t in value.split(b",") if t.strip())
     return frozenset(listed)
+
+
+class HeaderNames:
+    """Lower-case header names, remembered. Compiled (mypyc), ``bytes.lower`` is a generic method call and a new
+    object per header; a dictionary lookup is neither, and the remembered name's hash stays cached for the set and
+    dictionary lookups that follow. Bounded: the names come from the peer."""
+
+    LIMIT: Final = 512
+
+    def __init__(self) -> None:
+        self._known: dict[bytes, bytes] = {}
+
+    def lower(self, name: bytes) -> bytes:
+        known = self._known.get(name)
+        if known is None:
+            known = name.lower()
+            if len(self._known) < HeaderNames.LIMIT:
+                self._known[name] = known
+        return known
 
 
 @functools.lru_cache(maxsize=256)

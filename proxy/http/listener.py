@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import httptools
 
@@ -33,14 +33,14 @@ from proxy.http.flow import Abortable, FlowPeer
 
 if TYPE_CHECKING:
     from proxy.exchange import Exchange
-from proxy.http.heads import Reply, RequestHead, json_reply, status_line
+from proxy.http.heads import HeaderNames, Reply, RequestHead, json_reply, status_line
 
 log = logging.getLogger("odata_auth_proxy.http")
 
-WRITE_HIGH_WATER = 512 * 1024
-LINGER_SECONDS = 2.0  # how long an early answer's connection keeps reading what the client still sends
-_PAUSE_PIPELINE = 1  # a later request is queued behind the one in progress
-_PAUSE_PEER = 2  # the peer we feed (the upstream) cannot take more
+WRITE_HIGH_WATER: Final = 512 * 1024
+LINGER_SECONDS: Final = 2.0  # how long an early answer's connection keeps reading what the client still sends
+_PAUSE_PIPELINE: Final = 1  # a later request is queued behind the one in progress
+_PAUSE_PEER: Final = 2  # the peer we feed (the upstream) cannot take more
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ class ClientGone(Exception):
 
 
 #: the usual methods' names as (interned) text, without decoding them per request
-_METHOD_NAMES = {
+_METHOD_NAMES: Final = {
     name.encode(): name
     for name in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "MERGE", "CONNECT", "TRACE")
 }
@@ -198,6 +198,7 @@ class ClientConnection(asyncio.Protocol):
         "_max_head",
         "_max_header",
         "_max_headers",
+        "_names",
         "_paused",
         "_queue",
         "_starting",
@@ -236,6 +237,7 @@ class ClientConnection(asyncio.Protocol):
         self._max_header = self.settings.max_header_size
         self._max_head = self.settings.max_header_size * 4
         self._max_headers = self.settings.max_headers
+        self._names = listener.header_names
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = "-"
@@ -396,7 +398,7 @@ class ClientConnection(asyncio.Protocol):
         self._header_size += size + 4
         if size > self._max_header or self._header_size > self._max_head or len(head.headers) >= self._max_headers:
             self._header_over_limit(len(head.headers))  # raises
-        head.headers.append((name.lower(), name, value))
+        head.headers.append((self._names.lower(name), name, value))
 
     def _header_over_limit(self, count: int) -> None:
         """Answer 431 for the header that went over a limit (``_over_limit`` raises)."""
@@ -770,6 +772,7 @@ class Listener:
         self.settings = settings
         self.loop = asyncio.get_running_loop()
         self.connections: set[ClientConnection] = set()
+        self.header_names = HeaderNames()  # shared by the connections: one parse at a time
         self.servers: list[asyncio.Server] = []
         self.draining = False
         self.idle_waiter: asyncio.Future[None] | None = None

@@ -23,20 +23,20 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Final, cast
 from urllib.parse import unquote, urlsplit
 
 import httptools
 
 from proxy.http.flow import FlowPeer
-from proxy.http.heads import PLAIN_CONNECTION, Header, ResponseHead
+from proxy.http.heads import PLAIN_CONNECTION, Header, HeaderNames, ResponseHead
 from proxy.outbound import OutboundProxies
 
-READ_BUFFER = 256 * 1024
-WRITE_HIGH_WATER = 512 * 1024
-IDLE_TIMEOUT = 30.0  # a pooled connection unused this long is closed (upstreams drop theirs after 60 s+)
-_NO_BODY_STATUS = frozenset({204, 304})
-MAX_HEAD = 64 * 1024  # an upstream answer whose head goes on longer than this is refused (502)
+READ_BUFFER: Final = 256 * 1024
+WRITE_HIGH_WATER: Final = 512 * 1024
+IDLE_TIMEOUT: Final = 30.0  # a pooled connection unused this long is closed (upstreams drop theirs after 60 s+)
+_NO_BODY_STATUS: Final = frozenset({204, 304})
+MAX_HEAD: Final = 64 * 1024  # an upstream answer whose head goes on longer than this is refused (502)
 
 
 @dataclass(frozen=True)
@@ -118,6 +118,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         "_interim",
         "_length",
         "_lists_headers",
+        "_names",
         "_reading_paused",
         "_reason",
         "_reset_parser",
@@ -152,6 +153,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self._view = pool.read_buffer
+        self._names = pool.header_names
         self.parser = httptools.HttpResponseParser(self)
         self.closed = False
         self.reused = False
@@ -270,7 +272,7 @@ class UpstreamConnection(asyncio.BufferedProtocol):
         self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        lname = name.lower()
+        lname = self._names.lower(name)
         self._headers.append((lname, name, value))
         if lname == b"content-length":
             self._length = value
@@ -453,6 +455,7 @@ class UpstreamPool:
         # One read buffer for every connection of the pool: each read is parsed (and its body bytes copied out)
         # in ``buffer_updated`` before the loop reads anything else, so the memory does not grow with the pool.
         self.read_buffer = memoryview(bytearray(READ_BUFFER))
+        self.header_names = HeaderNames()  # lower-case answer header names, shared like the buffer
         self._idle: dict[str, list[UpstreamConnection]] = {}  # by Origin.key
         self._all: set[UpstreamConnection] = set()
         self.closed = False

@@ -30,10 +30,10 @@ if TYPE_CHECKING:
     from proxy.exchange import Exchange
     from proxy.tokens import Token
 
-RING_SIZE = 500
-WINDOW_S = 300
-BUCKET_S = 5
-MAX_STREAMS = 16  # concurrent event-stream clients
+RING_SIZE: Final = 500
+WINDOW_S: Final = 300
+BUCKET_S: Final = 5
+MAX_STREAMS: Final = 16  # concurrent event-stream clients
 
 # one recorded exchange: a flat tuple, cheap to build on the request path
 Entry = tuple[
@@ -97,12 +97,14 @@ EXTRA: Final = 15
 FLAGS: Final = 16
 TOKEN_FP: Final = 17
 
-SENT_UPSTREAM = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
-CSRF_ADDED = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
-COOKIE_ADDED = 4  # … and the CSRF session's cookies, merged into Cookie
-NO_HEADERS = 8  # a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
+SENT_UPSTREAM: Final = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
+CSRF_ADDED: Final = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
+COOKIE_ADDED: Final = 4  # … and the CSRF session's cookies, merged into Cookie
+NO_HEADERS: Final = (
+    8  # a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
+)
 
-WATCH_S = 600  # after the last look at the inspector (page, JSON or event stream), headers are kept this long
+WATCH_S: Final = 600  # after the last look at the inspector (page, JSON or event stream), headers are kept this long
 
 # a closed bucket: (start epoch, requests, p50 seconds or None, p99 seconds or None)
 Bucket = tuple[int, int, float | None, float | None]
