@@ -48,7 +48,14 @@ class OptionalBuildExt(build_ext):
             say(f"compiling the request path failed ({reason}); installing pure Python (same behaviour, slower)")
 
 
+#: the setup.py commands that build code; pip also runs setup.py for metadata only (egg_info, dist_info), where
+#: translating the modules would only cost time (about 20 s each)
+BUILDING = frozenset({"bdist_wheel", "editable_wheel", "build", "build_ext", "develop", "install"})
+
+
 def extensions() -> list[Any]:
+    if not BUILDING.intersection(sys.argv[1:]):
+        return []
     settings = compiled_settings()
     if os.environ.get(settings.COMPILE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         say(f"{settings.COMPILE_ENV}=0: installing pure Python")
@@ -64,7 +71,7 @@ def extensions() -> list[Any]:
     options = ["--ignore-missing-imports", "--follow-imports=silent", "--no-warn-unused-ignores"]
     try:
         return list(mypycify(options + paths, opt_level="1", group_name="odata_auth_proxy"))
-    except BaseException as exc:  # mypyc reports type errors with SystemExit
+    except (Exception, SystemExit) as exc:  # mypyc reports type errors with SystemExit
         say(f"mypyc could not translate the request path ({exc!r}); installing pure Python")
         return []
 
