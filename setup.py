@@ -57,7 +57,7 @@ def extensions() -> list[Any]:
     if not BUILDING.intersection(sys.argv[1:]):
         return []
     settings = compiled_settings()
-    if os.environ.get(settings.COMPILE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
+    if not settings.env_flag(os.environ, settings.COMPILE_ENV, default=True):
         say(f"{settings.COMPILE_ENV}=0: installing pure Python")
         return []
     try:

@@ -57,6 +57,17 @@ COMPILE_ENV = "ODATA_AUTH_PROXY_COMPILE"  # at install time (setup.py): 0 instal
 _ROOT = Path(__file__).resolve().parent.parent
 
 
+def env_flag(environ: Mapping[str, str], name: str, *, default: bool) -> bool:
+    """A yes/no variable (1/true/yes/on, 0/false/no/off); unset or anything else: ``default``. (config.py has its
+    own: this module imports nothing of the project, and ``setup.py`` uses this one.)"""
+    value = environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    return default
+
+
 @dataclass(frozen=True)
 class Build:
     """How this process runs the request path: ``compiled`` or not, and why not (for the banner and doctor)."""
@@ -95,7 +106,7 @@ def inspect_build(
 ) -> Build:
     """Decide, from the files next to the sources, whether the compiled modules can be used. ``check_age``: whether
     a source newer than its compiled file means an edit (default: in a source checkout, not an installed copy)."""
-    if environ.get(PURE_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+    if env_flag(environ, PURE_ENV, default=False):
         return Build(False, f"{PURE_ENV} is set")
     if check_age is None:
         check_age = not installed_copy(root)

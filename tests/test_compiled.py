@@ -47,6 +47,7 @@ def test_the_environment_variable_asks_for_the_sources(tmp_path: Path) -> None:
     assert not build.compiled and PURE_ENV in build.reason
     assert build.describe() == f"pure Python ({PURE_ENV} is set)"
     assert inspect_build(FAKE_MODULES, {PURE_ENV: "0"}, tmp_path).compiled
+    assert inspect_build(FAKE_MODULES, {PURE_ENV: "maybe"}, tmp_path).compiled  # not a yes: the default
 
 
 def test_one_missing_compiled_file_means_none_is_used(tmp_path: Path) -> None:

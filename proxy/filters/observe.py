@@ -42,10 +42,9 @@ class ObserveFilter(Filter):
         self.log_query = log_query
         self._api_key = api_key.reveal() if api_key is not None else None
         self.worker = worker
-        self._prefix = secrets.token_hex(6)
         self._number = 0
-        self._id_prefix = self._prefix + "-"
-        self._line_prefix = f"X-Request-Id: {self._prefix}-".encode()
+        self._id_prefix = secrets.token_hex(6) + "-"  # per process: ids stay apart across workers and restarts
+        self._line_prefix = b"X-Request-Id: " + self._id_prefix.encode()
 
     def request(self, ex: Exchange) -> None:
         incoming = ex.head.header(b"x-request-id")

@@ -100,9 +100,8 @@ TOKEN_FP: Final = 17
 SENT_UPSTREAM: Final = 1  # the request went upstream: X-Request-Id (and Authorization with a token) were added
 CSRF_ADDED: Final = 2  # the CSRF filter added its cached X-CSRF-Token (``Exchange.drop`` names the client's)
 COOKIE_ADDED: Final = 4  # … and the CSRF session's cookies, merged into Cookie
-NO_HEADERS: Final = (
-    8  # a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
-)
+#: a successful exchange while nobody was looking: its headers were not kept (``Recorder.watched``)
+NO_HEADERS: Final = 8
 
 WATCH_S: Final = 600  # after the last look at the inspector (page, JSON or event stream), headers are kept this long
 
