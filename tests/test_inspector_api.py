@@ -538,11 +538,13 @@ async def test_the_same_on_the_admin_port_and_404_on_the_main_port(tmp_path: Pat
 
 
 async def test_admin_port_event_stream_ends_when_the_proxy_drains(tmp_path: Path, backend: Backend) -> None:
-    admin_port = free_port()
-    config = make_config(tmp_path, backend, admin_listen=f"127.0.0.1:{admin_port}", shutdown_timeout=30)
+    # port 0: the admin listener binds a port of its own choosing (a port picked free beforehand can be taken by
+    # another socket before the proxy binds it: a flake seen in CI)
+    config = make_config(tmp_path, backend, admin_listen="127.0.0.1:0", shutdown_timeout=30)
     server = ProxyServer(prepare(config))
     await server.start()
     try:
+        ((_, admin_port),) = server.admin_addresses
         async with http_client() as http, http.get(f"http://127.0.0.1:{admin_port}/-/api/events") as stream:
             await read_events(stream, lambda name, data: name == "routes", 3)
             started = time.monotonic()
